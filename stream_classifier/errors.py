@@ -1,0 +1,44 @@
+"""One exception hierarchy for stream-classifier.
+
+Every error the package raises on purpose derives from :class:`StreamClassifierError`.
+Messages say what went wrong *and what to do about it*; the CLI prints them without a
+traceback and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class StreamClassifierError(Exception):
+    """Base class of every error raised on purpose by stream-classifier."""
+
+    exit_code = 1
+
+
+class ConfigError(StreamClassifierError):
+    """A setting is missing or invalid. The message names the setting."""
+
+    exit_code = 2
+
+
+class ModelError(StreamClassifierError):
+    """A model directory cannot be loaded, saved or used."""
+
+
+class UnsafeModelError(ModelError):
+    """Loading would need unrestricted unpickling of an untrusted file."""
+
+
+class DataError(StreamClassifierError):
+    """A training/evaluation data file is unreadable or has bad rows."""
+
+
+class TrainingError(StreamClassifierError):
+    """Training could not produce a model."""
+
+
+class TransportError(StreamClassifierError):
+    """The Kafka client failed in a way the service cannot recover from by retrying."""
+
+
+class ModelStoreError(StreamClassifierError):
+    """The model store (versions, manifest) is inconsistent or unreachable."""
