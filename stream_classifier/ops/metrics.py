@@ -22,6 +22,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
+    ProcessCollector,
 )
 
 PREFIX = "stream_classifier"
@@ -38,6 +39,8 @@ DEAD_LETTER_REASONS = (
     "empty_text",
     "invalid_label",
     "missing_label",
+    "invalid_id",
+    "too_many_labels",
     "inference_failed",
 )
 RETRAIN_OUTCOMES = ("promoted", "rejected", "skipped", "failed")
@@ -57,12 +60,15 @@ class Metrics:
     """The process's metrics, registered on ``registry`` (the default one in production).
 
     Tests pass a fresh :class:`CollectorRegistry` so that several services can live in one
-    process.
+    process; it gets its own process collector, so that every registry exposes the same
+    ``process_*`` series as the default one.
     """
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry
         r = registry
+        if registry is not REGISTRY:
+            ProcessCollector(registry=r)
 
         # Traffic
         self.messages_consumed = Counter(
@@ -82,7 +88,10 @@ class Metrics:
 
         # Timing
         self.batch_size = Histogram(
-            f"{PREFIX}_batch_size_messages", "Messages per inference batch.", buckets=_BATCH_BUCKETS, registry=r
+            f"{PREFIX}_batch_size_messages",
+            "Messages per inference batch.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.inference_seconds = Histogram(
             f"{PREFIX}_inference_seconds", "Model time per batch.", buckets=_INFER_BUCKETS, registry=r
