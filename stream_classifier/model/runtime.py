@@ -1,0 +1,334 @@
+"""ModelRuntime: text in, class probabilities out, on the chosen device and precision.
+
+Two steps, so that the caller can overlap them:
+
+- :meth:`ModelRuntime.prepare` (CPU only, no model state, safe in another thread)
+  tokenises with the body's fast tokenizer, truncating to the maximum sequence length,
+  sorts the texts by token length and groups them into chunks whose padded size
+  (rows x longest row) stays within the token budget;
+- :meth:`ModelRuntime.infer` runs body + head on each chunk under
+  ``torch.inference_mode`` (and autocast unless fp32) and returns ``(n, k)`` float32
+  probabilities **in input order**.
+
+Invariants:
+
+- body and head live on one device; the head always computes in float32;
+- CUDA out-of-memory on a chunk is the batch's size, not the messages' fault: the chunk is
+  halved and retried (recursively) after emptying the cache; only a single text that does
+  not fit re-raises ``torch.cuda.OutOfMemoryError`` (a capacity problem, never a bad message);
+- precision ``auto`` is fp16 autocast on CUDA and fp32 on the CPU; ``bf16`` needs bf16
+  support on the chosen CUDA device (always available on the CPU);
+- ``quantize="int8"`` (CPU only) replaces the body's Linear layers by torch dynamic
+  int8-quantised ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch.ao.quantization import quantize_dynamic
+
+from stream_classifier.errors import ModelError
+from stream_classifier.model.format import ModelBundle, load_model
+from stream_classifier.ops.logs import log_event
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16", "bf16"]
+_AUTOCAST_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_TOKEN_BUDGET = 16_384
+# A fast tokenizer mutates its truncation state on each call, so concurrent calls on one tokenizer
+# (runtimes may share a body) fail with 'Already borrowed': tokenisation is serialised.
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the first CUDA device if any, else the CPU; ``cuda[:N]`` must exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} asked for, but torch sees no CUDA device: use cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type != "cpu":
+        raise ModelError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """``auto`` -> fp16 on CUDA, fp32 on the CPU; checks bf16 support on CUDA."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ModelError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
+    if precision == "bf16" and device.type == "cuda":
+        with torch.cuda.device(device):
+            if not torch.cuda.is_bf16_supported():
+                raise ModelError(f"{device} does not support bf16: use fp16 or fp32")
+    return precision  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One forward pass: the original positions of its texts and their padded features."""
+
+    positions: NDArray[np.int64]
+    features: dict[str, torch.Tensor]
+
+    @property
+    def tokens(self) -> int:
+        ids = self.features["input_ids"]
+        return int(ids.shape[0] * ids.shape[1])
+
+    def split(self) -> tuple[Chunk, Chunk]:
+        """Two halves, each trimmed of the padding its own longest row does not need."""
+        half = len(self.positions) // 2
+        return self._slice(0, half), self._slice(half, len(self.positions))
+
+    def _slice(self, start: int, stop: int) -> Chunk:
+        mask = self.features["attention_mask"][start:stop]
+        width = int(mask.sum(dim=1).max().item()) if stop > start else 0
+        features = {key: value[start:stop, :width] for key, value in self.features.items()}
+        return Chunk(self.positions[start:stop], features)
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """Texts tokenised and grouped for the forward passes (see :meth:`ModelRuntime.prepare`)."""
+
+    size: int
+    chunks: list[Chunk]
+
+    @property
+    def tokens(self) -> int:
+        return sum(chunk.tokens for chunk in self.chunks)
+
+
+def plan_chunks(lengths: Sequence[int], token_budget: int) -> list[NDArray[np.int64]]:
+    """Group positions, sorted by length, so that rows x longest row <= ``token_budget``.
+
+    A single text longer than the budget still gets a chunk of its own.
+    """
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    chunks: list[NDArray[np.int64]] = []
+    start = 0
+    for end in range(1, len(order) + 1):
+        # Ascending lengths: the row at end-1 is the chunk's longest.
+        if end - start > 1 and (end - start) * lengths[order[end - 1]] > token_budget:
+            chunks.append(order[start : end - 1])
+            start = end - 1
+    if start < len(order):
+        chunks.append(order[start:])
+    return chunks
+
+
+class ModelRuntime:
+    """A loaded model ready for inference; see the module docstring for the invariants."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        max_seq_length: int | None = None,
+        quantize: str = "none",
+    ) -> None:
+        if token_budget < 1:
+            raise ModelError("token_budget must be positive")
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        self.precision: Precision = resolve_precision(precision, self.device)
+        self.token_budget = token_budget
+        self.quantize = quantize
+        body_max = bundle.body.max_seq_length or 512
+        self.max_seq_length = min(max_seq_length, body_max) if max_seq_length else body_max
+        tokenizer = bundle.body.tokenizer
+        if not getattr(tokenizer, "is_fast", False):
+            raise ModelError("the body's tokenizer is not a fast (Rust) tokenizer; convert the model first")
+        self._tokenizer = tokenizer
+        self._pad_values = {
+            "input_ids": int(tokenizer.pad_token_id or 0),
+            "token_type_ids": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
+            "attention_mask": 0,
+        }
+        self._body = self._place_body(bundle, quantize)
+        self._head = bundle.head.to_torch(self.device).eval()
+        self._pin = self.device.type == "cuda"
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        max_seq_length: int | None = None,
+        quantize: str = "none",
+        trusted: bool = False,
+    ) -> ModelRuntime:
+        started = time.perf_counter()
+        runtime = cls(
+            load_model(path, trusted=trusted),
+            device=device,
+            precision=precision,
+            token_budget=token_budget,
+            max_seq_length=max_seq_length,
+            quantize=quantize,
+        )
+        log_event(
+            log,
+            "model_loaded",
+            path=str(path),
+            version=runtime.version,
+            device=str(runtime.device),
+            precision=runtime.precision,
+            quantize=quantize,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return runtime
+
+    def _place_body(self, bundle: ModelBundle, quantize: str) -> torch.nn.Module:
+        body = bundle.body.eval()
+        if quantize == "none":
+            return body.to(self.device)
+        if quantize != "int8":
+            raise ModelError(f"unknown quantize mode {quantize!r}: use none or int8")
+        if self.device.type != "cpu":
+            raise ModelError("int8 quantisation is CPU only: use device=cpu, or fp16/bf16 on CUDA")
+        if self.precision != "fp32":
+            raise ModelError("int8 quantisation computes in fp32 around int8 weights: use precision fp32")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated in favour of torchao, still works
+            quantised: torch.nn.Module = quantize_dynamic(  # type: ignore[no-untyped-call]
+                body.cpu(), {torch.nn.Linear}, dtype=torch.qint8
+            )
+        return quantised
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def labels(self) -> list[str]:
+        return self.bundle.labels
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    # ------------------------------------------------------------------ prepare (CPU)
+
+    def prepare(self, texts: Sequence[str]) -> PreparedBatch:
+        """Tokenise, sort by length and split under the token budget (CPU only)."""
+        if not texts:
+            return PreparedBatch(0, [])
+        with _TOKENIZER_LOCK:
+            encoded = self._tokenizer(
+                list(texts), truncation=True, max_length=self.max_seq_length, padding=False
+            )
+        columns = {key: encoded[key] for key in self._pad_values if key in encoded}
+        lengths = [len(ids) for ids in columns["input_ids"]]
+        chunks = [
+            Chunk(positions, self._pad(columns, positions, lengths))
+            for positions in plan_chunks(lengths, self.token_budget)
+        ]
+        return PreparedBatch(len(texts), chunks)
+
+    def _pad(
+        self, columns: dict[str, list[list[int]]], positions: NDArray[np.int64], lengths: list[int]
+    ) -> dict[str, torch.Tensor]:
+        width = max(lengths[i] for i in positions)
+        features: dict[str, torch.Tensor] = {}
+        for key, rows in columns.items():
+            array = np.full((len(positions), width), self._pad_values[key], dtype=np.int64)
+            for row, position in enumerate(positions):
+                array[row, : lengths[position]] = rows[position]
+            tensor = torch.from_numpy(array)
+            features[key] = tensor.pin_memory() if self._pin else tensor
+        return features
+
+    # ------------------------------------------------------------------ infer (device)
+
+    def infer(self, prepared: PreparedBatch) -> NDArray[np.float32]:
+        """``(n, k)`` float32 probabilities in input order."""
+        return self._run(prepared, self._probabilities, len(self.labels))
+
+    def predict_proba(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        return self.infer(self.prepare(texts))
+
+    def predict(self, texts: Sequence[str]) -> list[str]:
+        probabilities = self.predict_proba(texts)
+        return [self.labels[i] for i in probabilities.argmax(axis=1)]
+
+    def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
+        """Sentence embeddings ``(n, d)`` as the head sees them (normalised if the model says so)."""
+        return self._run(self.prepare(texts), self._embeddings, self.bundle.head.dim)
+
+    def warmup(self) -> None:
+        """One small forward pass of short and long texts (allocators, kernels, autotuning)."""
+        self.predict_proba(["warm up", "warm up " * max(1, self.max_seq_length // 4)])
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
+
+    def _embeddings(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        on_device = {key: value.to(self.device, non_blocking=True) for key, value in features.items()}
+        with self._autocast():
+            embeddings: torch.Tensor = self._body(on_device)["sentence_embedding"]
+        embeddings = embeddings.float()
+        if self.bundle.normalize_embeddings:
+            embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+        return embeddings
+
+    def _probabilities(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        result: torch.Tensor = self._head(self._embeddings(features))
+        return result
+
+    def _run(
+        self,
+        prepared: PreparedBatch,
+        compute: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        width: int,
+    ) -> NDArray[np.float32]:
+        output = np.empty((prepared.size, width), dtype=np.float32)
+        with torch.inference_mode():
+            for chunk in prepared.chunks:
+                for piece, values in self._compute_splitting(chunk, compute):
+                    output[piece.positions] = values
+        return output
+
+    def _compute_splitting(
+        self, chunk: Chunk, compute: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    ) -> Iterator[tuple[Chunk, NDArray[np.float32]]]:
+        try:
+            values = compute(chunk.features).float().cpu().numpy()
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in torch >= 2.5
+            if len(chunk.positions) == 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows = len(chunk.positions)
+            log_event(log, "inference_oom_split", level=logging.WARNING, rows=rows, tokens=chunk.tokens)
+            for half in chunk.split():
+                yield from self._compute_splitting(half, compute)
+            return
+        yield chunk, values

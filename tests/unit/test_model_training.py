@@ -1,0 +1,173 @@
+"""SetFit training: contrastive pairs with setfit's semantics (lazily), head fit, growing labels."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stream_classifier.errors import TrainingError
+from stream_classifier.model.examples import Example
+from stream_classifier.model.format import load_model
+from stream_classifier.model.training import (
+    ContrastivePairs,
+    TrainingConfig,
+    _linear_warmup_schedule,
+    _unrank_triangle,
+    fit_head,
+    pair_loss,
+    train_model,
+)
+from tests.fixtures.models import TRAIN_EXAMPLES
+
+
+def _examples(sizes: dict[str, int]) -> list[Example]:
+    return [Example(f"{label}-{i}", label) for label, n in sizes.items() for i in range(n)]
+
+
+def _setfit_candidates(examples: list[Example]) -> tuple[Counter[frozenset[str]], Counter[frozenset[str]]]:
+    """setfit's candidates: every (i, j) with i <= j (combinations with replacement)."""
+    positives: Counter[frozenset[str]] = Counter()
+    negatives: Counter[frozenset[str]] = Counter()
+    for a, b in itertools.combinations_with_replacement(examples, 2):
+        (positives if a.label == b.label else negatives)[frozenset((a.text, b.text))] += 1
+    return positives, negatives
+
+
+def test_unrank_triangle_enumerates_the_upper_triangle() -> None:
+    for n in range(1, 40):
+        pairs = [_unrank_triangle(k, n) for k in range(n * (n + 1) // 2)]
+        assert pairs == [(a, b) for a in range(n) for b in range(a, n)]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "num_iterations"),
+    [("oversampling", None), ("undersampling", None), ("unique", None), ("oversampling", 3)],
+)
+def test_pair_counts_and_labels_match_setfit(strategy: str, num_iterations: int | None) -> None:
+    examples = _examples({"a": 5, "b": 2, "c": 3})
+    positives, negatives = _setfit_candidates(examples)
+    p, n = sum(positives.values()), sum(negatives.values())
+    expected_side = {
+        "oversampling": max(p, n),
+        "undersampling": min(p, n),
+        "unique": min(p, n),
+    }[strategy]
+    if num_iterations:
+        expected_side = num_iterations * len(examples)
+    pairs = ContrastivePairs(examples, sampling_strategy=strategy, num_iterations=num_iterations)  # type: ignore[arg-type]
+    produced = list(pairs)
+    assert len(produced) == len(pairs) == 2 * expected_side
+    label_of = {e.text: e.label for e in examples}
+    for index, (left, right, target) in enumerate(produced):
+        assert target == (1.0 if index % 2 == 0 else 0.0)  # positives and negatives alternate
+        assert (label_of[left] == label_of[right]) == (target == 1.0)
+
+
+def test_each_cycle_visits_every_candidate_once() -> None:
+    examples = _examples({"a": 6, "b": 3})
+    positives, negatives = _setfit_candidates(examples)
+    pairs = list(ContrastivePairs(examples, sampling_strategy="oversampling"))
+    produced_pos = Counter(frozenset(p[:2]) for p in pairs[0::2])
+    produced_neg = Counter(frozenset(p[:2]) for p in pairs[1::2])
+    assert sum(positives.values()) == 27 and sum(negatives.values()) == 18
+    assert produced_pos == positives  # the larger side: exactly once each
+    first_cycle = Counter(frozenset(p[:2]) for p in pairs[1::2][:18])
+    assert first_cycle == negatives  # the smaller side cycles: once each per pass
+    assert sum(produced_neg.values()) == 27
+
+
+def test_pairs_are_seeded_and_lazy() -> None:
+    examples = _examples({"a": 4, "b": 4})
+    first = list(ContrastivePairs(examples, seed=1))
+    assert first == list(ContrastivePairs(examples, seed=1))
+    assert first != list(ContrastivePairs(examples, seed=2))
+    # 40,000 examples: 8e8 candidate pairs, which setfit would build in memory.
+    big = _examples({"a": 20_000, "b": 20_000})
+    pairs = ContrastivePairs(big, num_iterations=1)
+    assert len(pairs) == 80_000
+    head = list(itertools.islice(iter(pairs), 6))
+    assert [p[2] for p in head] == [1.0, 0.0] * 3
+
+
+def test_one_label_is_a_training_error() -> None:
+    with pytest.raises(TrainingError, match="two labels"):
+        ContrastivePairs(_examples({"a": 3}))
+    with pytest.raises(TrainingError, match="two labels"):
+        train_model(_examples({"a": 3}), "unused")
+
+
+def test_warmup_then_linear_decay() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = _linear_warmup_schedule(optimizer, warmup_steps=2, total_steps=6)
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([0.0, 0.5, 1.0, 0.75, 0.5, 0.25])
+
+
+def test_fit_head_sorts_classes_and_separates_clusters() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(loc=c, size=(10, 4)) for c in (-3, 0, 3)])
+    labels = ["z"] * 10 + ["a"] * 10 + ["m"] * 10
+    head = fit_head(x, labels, seed=42)
+    assert head.classes == ["a", "m", "z"]
+    assert (np.array(head.classes)[head.predict_proba(x).argmax(1)] == labels).mean() > 0.9
+
+
+def test_default_config_is_the_model_card() -> None:
+    config = TrainingConfig()
+    assert (config.batch_size, config.epochs, config.num_iterations) == (16, 3, 40)
+    assert (config.sampling_strategy, config.body_learning_rate, config.seed) == ("oversampling", 2e-5, 42)
+    assert (config.warmup_proportion, config.loss, config.use_amp) == (0.153, "cosine", True)
+
+
+def test_retraining_with_a_grown_label_set(tiny_model_dir: Path) -> None:
+    parent = load_model(tiny_model_dir)
+    grown = [
+        *TRAIN_EXAMPLES,
+        Example("I love your product", "praise"),
+        Example("great service, thanks", "praise"),
+    ]
+    config = TrainingConfig(num_iterations=1, max_steps=2, batch_size=8, show_progress_bar=False)
+    bundle = train_model(grown, tiny_model_dir, config, device="cpu")
+    assert bundle.labels == ["billing", "praise", "shipping", "tech"]
+    assert bundle.metadata.parent_version == parent.version
+    assert bundle.metadata.version != parent.version
+    assert bundle.metadata.training_data.n == len(grown)
+    assert bundle.metadata.params["body"]["steps"] == 2
+    assert bundle.examples == grown
+
+
+def test_training_from_a_bundle_leaves_it_untouched(tiny_model_dir: Path) -> None:
+    parent = load_model(tiny_model_dir)
+    before = [p.detach().clone() for p in parent.body.parameters()]
+    config = TrainingConfig(num_iterations=1, max_steps=2, batch_size=8, show_progress_bar=False)
+    child = train_model(TRAIN_EXAMPLES, parent, config, device="cpu")
+    assert child.metadata.parent_version == parent.version
+    assert all(torch.equal(a, b) for a, b in zip(before, parent.body.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(before, child.body.parameters(), strict=True))
+
+
+def test_pair_losses_match_sentence_transformers() -> None:
+    from sentence_transformers.losses import SiameseDistanceMetric
+
+    similarity = torch.tensor([0.9, 0.2, 0.7, -0.1])
+    target = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    cosine = pair_loss(similarity, target, TrainingConfig())
+    assert cosine.item() == pytest.approx(torch.mean((similarity - target) ** 2).item())
+    distance = SiameseDistanceMetric.COSINE_DISTANCE
+    a, b = (
+        torch.nn.functional.normalize(torch.randn(4, 8), dim=1),
+        torch.nn.functional.normalize(torch.randn(4, 8), dim=1),
+    )
+    d = distance(a, b)
+    expected = 0.5 * (target * d.pow(2) + (1 - target) * torch.relu(0.5 - d).pow(2))
+    got = pair_loss(torch.cosine_similarity(a, b), target, TrainingConfig(loss="contrastive"))
+    assert got.item() == pytest.approx(expected.mean().item(), abs=1e-6)
