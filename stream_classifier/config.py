@@ -126,6 +126,8 @@ class ProcessingSettings(_Section):
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     transactional_id_prefix: str = "stream-classifier"
     commit_interval_ms: int = Field(default=0, ge=0)
+    # Graceful shutdown (SIGTERM/SIGINT): finish, flush, commit and leave within this time.
+    shutdown_timeout_s: float = Field(default=20.0, gt=0, le=300)
 
 
 class FeedbackSettings(_Section):
@@ -160,9 +162,16 @@ class RetrainSettings(_Section):
     learning_rate: float = Field(default=2e-5, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
     train_max_seq_length: int = Field(default=64, ge=8)
+    seed: int = 42
     # Throttling so that training never starves inference on a shared CPU.
     torch_threads: int = Field(default=1, ge=1)
     nice: int = Field(default=10, ge=0, le=19)
+    # Address-space cap of the training process (CPU only; a run over it fails cleanly).
+    max_memory_mb: int | None = Field(default=None, ge=64)
+    # One JSON record per retraining run is also produced here (always logged).
+    events_topic: str | None = None
+    # Serving replicas re-read the manifest this often, in case they missed an announcement.
+    manifest_poll_s: float = Field(default=30.0, gt=0)
     # Bearer token for POST /retrain from non-loopback clients; unset = loopback only.
     api_token: SecretStr | None = None
 

@@ -42,3 +42,10 @@ class TransportError(StreamClassifierError):
 
 class ModelStoreError(StreamClassifierError):
     """The model store (versions, manifest) is inconsistent or unreachable."""
+
+
+class BrokerUnavailableError(StreamClassifierError):
+    """A Kafka operation failed for a reason that may pass (broker down, timeout, rebalance).
+
+    The service retries these with backoff and never exits on them.
+    """

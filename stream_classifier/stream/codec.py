@@ -1,0 +1,201 @@
+"""Message bytes <-> the service's values: input decoding, output and dead-letter encoding.
+
+Invariant: nothing raises past this module for any input bytes. :meth:`InputDecoder.decode`
+returns either a :class:`Decoded` text or a :class:`Rejected` reason from
+:data:`CODEC_REASONS` (kept equal to the codec part of ``ops.metrics.DEAD_LETTER_REASONS``).
+Dead letters keep the input's key and value bytes unchanged, except that a value too big
+for the producer's request limit is cut to fit and marked ``truncated``.
+
+This is the per-message hot path: one pass of checks per input, one ``json.dumps`` per output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stream_classifier.config import InputSettings
+from stream_classifier.stream.kafka_io import Headers, Record
+
+NULL_VALUE = "null_value"
+TOO_LARGE = "too_large"
+INVALID_UTF8 = "invalid_utf8"
+INVALID_JSON = "invalid_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_TEXT = "missing_text"
+TEXT_NOT_STRING = "text_not_string"
+EMPTY_TEXT = "empty_text"
+INFERENCE_FAILED = "inference_failed"
+CODEC_REASONS = (
+    NULL_VALUE,
+    TOO_LARGE,
+    INVALID_UTF8,
+    INVALID_JSON,
+    NOT_AN_OBJECT,
+    MISSING_TEXT,
+    TEXT_NOT_STRING,
+    EMPTY_TEXT,
+)
+
+# Output header names.
+MODEL_VERSION_HEADER = "model.version"
+LABEL_HEADER = "label"
+# Dead-letter header names.
+ERROR_HEADER = "error"
+ERROR_MESSAGE_HEADER = "error.message"
+TRUNCATED_HEADER = "truncated"
+ORIGINAL_SIZE_HEADER = "original.size"
+
+# Record-batch header (61 bytes) + one record's worst-case varints and attributes, rounded up.
+_RECORD_OVERHEAD = 128
+_HEADER_OVERHEAD = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    text: str
+    id: str | int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingRecord:
+    """A record to produce."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None = None
+    headers: Headers = ()
+
+
+def source_id(record: Record) -> str:
+    return f"{record.topic}:{record.partition}:{record.offset}"
+
+
+class InputDecoder:
+    """Turns input record values into texts, according to ``input.*`` settings."""
+
+    def __init__(self, settings: InputSettings) -> None:
+        self._json = settings.format == "json"
+        self._text_field = settings.text_field
+        self._id_field = settings.id_field
+        self._max_bytes = settings.max_bytes
+
+    def decode(self, record: Record) -> Decoded | Rejected:
+        value = record.value
+        if value is None:
+            return Rejected(NULL_VALUE, "the message value is null (a tombstone)")
+        if len(value) > self._max_bytes:
+            return Rejected(
+                TOO_LARGE, f"the value is {len(value)} bytes; input.max_bytes is {self._max_bytes}"
+            )
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Rejected(INVALID_UTF8, f"the value is not UTF-8: {exc.reason} at byte {exc.start}")
+        if not self._json:
+            return self._checked(text, source_id(record))
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            return Rejected(INVALID_JSON, f"the value is not JSON: {str(exc)[:200]}")
+        if not isinstance(obj, dict):
+            return Rejected(NOT_AN_OBJECT, f"the value is a JSON {type(obj).__name__}, not an object")
+        if self._text_field not in obj:
+            return Rejected(MISSING_TEXT, f"the object has no {self._text_field!r} field")
+        text = obj[self._text_field]
+        if not isinstance(text, str):
+            return Rejected(
+                TEXT_NOT_STRING, f"field {self._text_field!r} is a JSON {type(text).__name__}, not a string"
+            )
+        given = obj.get(self._id_field)
+        id_: str | int = (
+            given
+            if isinstance(given, str | int) and not isinstance(given, bool) and given != ""
+            else source_id(record)
+        )
+        return self._checked(text, id_)
+
+    def _checked(self, text: str, id_: str | int) -> Decoded | Rejected:
+        if not text.strip():
+            return Rejected(EMPTY_TEXT, "the text is empty or only whitespace")
+        return Decoded(text, id_)
+
+
+def encode_prediction(
+    record: Record,
+    *,
+    id_: str | int,
+    labels: Sequence[str],
+    probabilities: np.ndarray,
+    model_version: str,
+    topic: str,
+) -> tuple[OutgoingRecord, str, float]:
+    """The output for ``record``; also returns the predicted label and its probability.
+
+    ``probabilities`` is the model's row for this record, in ``labels`` order; it is
+    renormalised so that the published values sum to 1 in float64.
+    """
+    row = probabilities.astype(np.float64)
+    row /= row.sum()
+    best = int(row.argmax())
+    label = labels[best]
+    payload = {
+        "id": id_,
+        "label": label,
+        "probabilities": dict(zip(labels, row.tolist(), strict=True)),
+        "model_version": model_version,
+        "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+    }
+    value = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    headers = (
+        (MODEL_VERSION_HEADER, model_version.encode("utf-8")),
+        (LABEL_HEADER, label.encode("utf-8")),
+    )
+    return OutgoingRecord(topic, value, record.key, headers), label, float(row[best])
+
+
+def encode_dead_letter(
+    record: Record, rejected: Rejected, topic: str, max_request_size: int
+) -> OutgoingRecord:
+    """The dead letter for ``record``: its key, value and headers, plus the error headers.
+
+    When the result would exceed ``max_request_size``, the value keeps its first bytes that
+    fit, and headers ``truncated: true`` and ``original.size: <bytes>`` say so.
+    """
+    headers: Headers = (
+        *record.headers,
+        (ERROR_HEADER, rejected.reason.encode()),
+        (ERROR_MESSAGE_HEADER, rejected.message.encode("utf-8", "replace")),
+        ("source.topic", record.topic.encode("utf-8")),
+        ("source.partition", str(record.partition).encode()),
+        ("source.offset", str(record.offset).encode()),
+    )
+    value = record.value
+    size = _record_size(record.key, value, headers)
+    if value is not None and size > max_request_size:
+        headers = (
+            *headers,
+            (TRUNCATED_HEADER, b"true"),
+            (ORIGINAL_SIZE_HEADER, str(len(value)).encode()),
+        )
+        room = max_request_size - _record_size(record.key, b"", headers)
+        value = value[: max(room, 0)]
+    return OutgoingRecord(topic, value, record.key, headers)
+
+
+def _record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    return (
+        _RECORD_OVERHEAD
+        + len(key or b"")
+        + len(value or b"")
+        + sum(len(name.encode("utf-8")) + len(data) + _HEADER_OVERHEAD for name, data in headers)
+    )

@@ -1,0 +1,119 @@
+"""Which consumed offsets may be committed.
+
+Invariant (at-least-once): the committable offset of a partition is one past the longest
+run of messages, from the oldest uncommitted one, whose records (outputs, dead letters,
+extra records) were all sent *and* acknowledged. A message still in the batcher or the
+model, or with a record awaiting its acknowledgement, holds back the commit of itself and of
+every later message in its partition.
+
+When a partition is revoked or rewound, its state is dropped: its pending messages become
+*stale* (:meth:`OffsetTracker.is_current` is false) and their late acknowledgements are
+ignored. They are redelivered from the committed offset, so nothing is lost.
+
+Not thread-safe: the service calls it from its I/O thread only.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from stream_classifier.stream.kafka_io import Partition
+
+
+class Pending:
+    """One consumed message until its partition's commit passes it."""
+
+    __slots__ = ("_remaining", "_sealed", "offset", "owner")
+
+    def __init__(self, owner: PartitionOffsets, offset: int) -> None:
+        self.owner = owner
+        self.offset = offset
+        self._remaining = 0
+        self._sealed = False
+
+    def sent(self) -> None:
+        """One more record was handed to the producer for this message."""
+        self._remaining += 1
+
+    def seal(self) -> None:
+        """Every record for this message has been sent."""
+        self._sealed = True
+
+    def acknowledged(self) -> None:
+        self._remaining -= 1
+
+    @property
+    def done(self) -> bool:
+        return self._sealed and self._remaining == 0
+
+
+class PartitionOffsets:
+    """The pending messages of one partition, oldest first."""
+
+    def __init__(self, partition: Partition) -> None:
+        self.partition = partition
+        self.pending: deque[Pending] = deque()
+        self.committable: int | None = None
+        self.committed: int | None = None
+
+    def advance(self) -> None:
+        while self.pending and self.pending[0].done:
+            self.committable = self.pending.popleft().offset + 1
+
+
+class OffsetTracker:
+    def __init__(self) -> None:
+        self._partitions: dict[Partition, PartitionOffsets] = {}
+
+    def track(self, partition: Partition, offset: int) -> Pending:
+        state = self._partitions.get(partition)
+        if state is None:
+            state = self._partitions[partition] = PartitionOffsets(partition)
+        entry = Pending(state, offset)
+        state.pending.append(entry)
+        return entry
+
+    def is_current(self, entry: Pending) -> bool:
+        return self._partitions.get(entry.owner.partition) is entry.owner
+
+    def settle(self, entry: Pending) -> None:
+        """Re-check ``entry``'s partition after it was sealed or acknowledged."""
+        if self.is_current(entry):
+            entry.owner.advance()
+
+    def to_commit(self) -> dict[Partition, int]:
+        """Offsets that moved past the last commit."""
+        return {
+            tp: state.committable
+            for tp, state in self._partitions.items()
+            if state.committable is not None and state.committable != state.committed
+        }
+
+    def committed(self, offsets: dict[Partition, int]) -> None:
+        for tp, offset in offsets.items():
+            state = self._partitions.get(tp)
+            if state is not None:
+                state.committed = offset
+
+    def resume_point(self, partition: Partition) -> int | None:
+        """Where to re-read ``partition`` from to lose nothing: its oldest pending offset."""
+        state = self._partitions.get(partition)
+        if state is None or not state.pending:
+            return None
+        return state.pending[0].offset
+
+    def drop(self, partitions: set[Partition]) -> int:
+        """Forget ``partitions``; their pending messages become stale. Returns how many."""
+        dropped = 0
+        for tp in partitions:
+            state = self._partitions.pop(tp, None)
+            if state is not None:
+                dropped += len(state.pending)
+        return dropped
+
+    def partitions(self) -> list[Partition]:
+        return list(self._partitions)
+
+    def in_flight(self) -> int:
+        # list() copies atomically, so other threads may read this while the I/O thread runs.
+        return sum(len(state.pending) for state in list(self._partitions.values()))

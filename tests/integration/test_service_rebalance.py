@@ -1,0 +1,82 @@
+"""Two instances in one consumer group: partitions move between them and nothing is lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from kafka import KafkaProducer
+
+from stream_classifier.model.runtime import ModelRuntime
+from tests.fixtures.broker import committed_offsets
+from tests.integration.service_support import (
+    TopicReader,
+    output_body,
+    running_service,
+    service_settings,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_rebalance_between_two_instances_loses_nothing(
+    broker: str, topic_factory, kafka_settings, tiny_model_dir: Path
+) -> None:
+    source, out, dlq = topic_factory("in", partitions=4), topic_factory("out"), topic_factory("dlq")
+    kafka = kafka_settings(input_topics=[source], output_topic=out, dead_letter_topic=dlq)
+    settings = service_settings(kafka, batching={"max_batch_size": 4, "max_wait_ms": 10})
+    # One runtime each: a fast tokenizer must not be shared by two threads at once.
+    runtimes = [ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32") for _ in range(2)]
+    n = 400
+    stop_feeding = threading.Event()
+
+    def feed() -> None:
+        producer = KafkaProducer(bootstrap_servers=broker)
+        for i in range(n):
+            producer.send(
+                source, key=f"k{i % 13}".encode(), value=f'{{"text": "text {i}", "id": "m{i}"}}'.encode()
+            )
+            time.sleep(0.02)
+            if stop_feeding.is_set():
+                break
+        producer.flush()
+        producer.close()
+
+    reader = TopicReader(broker, out)
+    feeder = threading.Thread(target=feed)
+    try:
+        with running_service(settings, runtimes[0]) as first:
+            feeder.start()
+            reader.wait_for(lambda records: len(records) >= 20, 60, "outputs from the first instance")
+            with running_service(settings, runtimes[1]) as second:
+                wait_until(
+                    lambda: second.health.snapshot().consumer_joined, 60, "the second instance to join"
+                )
+                wait_until(lambda: len(second.assignment) > 0, 60, "a share for the second instance")
+                assert len(first.assignment) < 4
+                time.sleep(1.0)
+            # The second instance left: the first takes all partitions back.
+            wait_until(lambda: len(first.assignment) == 4, 60, "the first to take everything back")
+            feeder.join(timeout=60)
+            every = {f"m{i}" for i in range(n)}
+            records = reader.wait_for(lambda rs: {output_body(r)["id"] for r in rs} >= every, 120)
+            wait_until(
+                lambda: sum(c or 0 for c in committed_offsets(broker, kafka.group_id, source).values()) == n,
+                60,
+                "every offset committed",
+            )
+    finally:
+        stop_feeding.set()
+        reader.close()
+    ids = [output_body(r)["id"] for r in records]
+    assert set(ids) == {f"m{i}" for i in range(n)}
+    # Per key (one partition each), the first output of each message comes in input order.
+    first_seen: dict[str, int] = {}
+    for position, record in enumerate(records):
+        first_seen.setdefault(output_body(record)["id"], position)
+    for key in range(13):
+        order = [first_seen[f"m{i}"] for i in range(key, n, 13)]
+        assert order == sorted(order)
