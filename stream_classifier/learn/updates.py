@@ -1,0 +1,216 @@
+"""Model updates: announcing a new current version, and following announcements to hot-swap.
+
+The manifest of the model store is the source of truth; the compacted updates topic only
+says "look again". An announcement is a small JSON value
+``{"version": V, "path": "versions/V", "store": ROOT, "announced_at": T}`` under the fixed
+key ``current`` (so compaction keeps just the latest). A follower re-reads the manifest on
+every announcement and every ``retrain.manifest_poll_s``; whatever the manifest names is
+what it serves, so a missed or reordered announcement costs at most one poll interval.
+
+:class:`ModelSwapper` invariant: the new runtime is loaded and warmed completely before
+the service is handed it; the service applies it between batches. Swaps are serialised
+and a swap to the version already served is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from stream_classifier.config import Settings
+from stream_classifier.errors import BrokerUnavailableError, ConfigError, StreamClassifierError
+from stream_classifier.learn.store import ModelStore, VersionEntry
+from stream_classifier.learn.tail import TopicReader
+from stream_classifier.model.format import METADATA_FILE, ModelMetadata, load_model
+from stream_classifier.model.runtime import ModelRuntime
+from stream_classifier.ops.logs import log_event
+from stream_classifier.ops.metrics import Metrics
+from stream_classifier.stream.kafka_io import Producer
+
+logger = logging.getLogger(__name__)
+
+ANNOUNCEMENT_KEY = b"current"
+_ANNOUNCE_TIMEOUT_S = 10.0
+
+
+def encode_announcement(store: ModelStore, entry: VersionEntry) -> bytes:
+    payload = {
+        "version": entry.version,
+        "path": entry.path,
+        "store": str(store.root),
+        "announced_at": time.time(),
+    }
+    return json.dumps(payload).encode("utf-8")
+
+
+def announce(producer: Producer, topic: str, store: ModelStore, entry: VersionEntry) -> None:
+    """Publish ``entry`` as the current version and wait for the broker's acknowledgement."""
+    failures: list[BaseException] = []
+
+    def delivered(error: BaseException | None) -> None:
+        if error is not None:
+            failures.append(error)
+
+    producer.send(
+        topic, encode_announcement(store, entry), key=ANNOUNCEMENT_KEY, headers=(), on_delivery=delivered
+    )
+    if not producer.flush(_ANNOUNCE_TIMEOUT_S) or failures:
+        reason = failures[0] if failures else "timed out"
+        # Replicas still converge through their manifest poll; say so rather than fail the promotion.
+        log_event(logger, "model_announce_failed", logging.WARNING, version=entry.version, error=str(reason))
+        return
+    log_event(logger, "model_announced", version=entry.version, topic=topic)
+
+
+def model_version_of(model_dir: Path) -> str:
+    """The version a model directory says it is (loads the model only for bare setfit dirs)."""
+    metadata = model_dir / METADATA_FILE
+    if metadata.is_file():
+        return ModelMetadata.model_validate_json(metadata.read_text(encoding="utf-8")).version
+    return load_model(model_dir).version
+
+
+def resolve_serving_model(settings: Settings) -> Path:
+    """The model directory to serve at start.
+
+    Without a model store: ``model.path``. With one: the manifest's current version, after
+    seeding the store from ``model.path`` if it has no manifest yet.
+    """
+    root = settings.retrain.model_store
+    if root is None:
+        if settings.model.path is None:
+            raise ConfigError(
+                "setting 'model.path' (env STREAM_CLASSIFIER_MODEL__PATH) is required: the model "
+                "directory to serve (or set retrain.model_store to serve the store's current version)"
+            )
+        return Path(settings.model.path)
+    store = ModelStore(root, settings.retrain.keep_versions)
+    if not store.exists():
+        if settings.model.path is None:
+            raise ConfigError(
+                f"the model store {root} is empty: set STREAM_CLASSIFIER_MODEL__PATH once to seed it"
+            )
+        seed = Path(settings.model.path)
+        if store.seed(seed, model_version_of(seed)):
+            log_event(logger, "model_store_seeded", store=str(root), source=str(seed))
+    return store.current()[1]
+
+
+def load_runtime(settings: Settings, path: Path) -> ModelRuntime:
+    """A runtime for ``path`` with the serving settings, warmed up."""
+    m = settings.model
+    runtime = ModelRuntime.load(
+        path,
+        device=m.device,
+        precision=m.precision,
+        token_budget=settings.batching.token_budget,
+        max_seq_length=m.max_seq_length,
+        quantize=m.quantize,
+        trusted=m.trusted,
+    )
+    runtime.warmup()
+    return runtime
+
+
+class ModelSwapper:
+    """Loads store versions and hands them to the service (``swap``); see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore,
+        swap: Callable[[ModelRuntime], None],
+        metrics: Metrics,
+        *,
+        serving_version: str,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._swap = swap
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self.serving_version = serving_version
+
+    def swap_to(self, version: str) -> bool:
+        """Serve ``version`` (loaded from the store); False when it is already served."""
+        with self._lock:
+            if version == self.serving_version:
+                return False
+            started = time.perf_counter()
+            runtime = load_runtime(self._settings, self._store.path_of(version))
+            loaded = time.perf_counter() - started
+            self._swap(runtime)
+            self._metrics.model_load_seconds.set(loaded)
+            log_event(
+                logger,
+                "model_swap_requested",
+                version=version,
+                previous=self.serving_version,
+                load_seconds=round(loaded, 3),
+            )
+            self.serving_version = version
+            return True
+
+
+class UpdatesFollower:
+    """A serving replica's loop: follow the updates topic and the manifest, swap on change."""
+
+    def __init__(self, settings: Settings, store: ModelStore, swapper: ModelSwapper) -> None:
+        self._settings = settings
+        self._store = store
+        self._swapper = swapper
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def check(self) -> None:
+        """Swap to the manifest's current version if it is not the one served."""
+        try:
+            version = self._store.read().current
+            if self._swapper.swap_to(version):
+                log_event(logger, "model_update_applied", version=version)
+        except StreamClassifierError as exc:
+            # Keep serving the model we have; the next announcement or poll retries.
+            log_event(logger, "model_update_failed", logging.ERROR, error=str(exc))
+
+    def run(self) -> None:
+        retrain = self._settings.retrain
+        reader: TopicReader | None = None
+        next_check = 0.0
+        try:
+            while not self._stop.is_set():
+                if reader is None:
+                    reader = self._open_reader()
+                announced = False
+                if reader is not None:
+                    try:
+                        announced = bool(reader.poll(0.5))
+                    except BrokerUnavailableError as exc:
+                        log_event(logger, "model_updates_read_retry", logging.WARNING, error=str(exc))
+                        self._stop.wait(1.0)
+                else:
+                    self._stop.wait(1.0)
+                if announced or time.monotonic() >= next_check:
+                    self.check()
+                    next_check = time.monotonic() + retrain.manifest_poll_s
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def _open_reader(self) -> TopicReader | None:
+        try:
+            # From the end: what is current now comes from the manifest, not from history.
+            return TopicReader(
+                self._settings.kafka,
+                [self._settings.retrain.updates_topic],
+                start="end",
+                wait_for_topics_s=5.0,
+            )
+        except StreamClassifierError as exc:
+            log_event(logger, "model_updates_unavailable", logging.WARNING, error=str(exc))
+            return None

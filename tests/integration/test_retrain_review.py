@@ -1,0 +1,99 @@
+"""Active learning through the real service and broker: uncertain predictions copied, rate-capped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from stream_classifier.config import Settings
+from stream_classifier.learn.review import ReviewRouter
+from stream_classifier.model.runtime import ModelRuntime
+from stream_classifier.ops.metrics import Metrics
+from tests.fixtures.broker import produce, read_all
+from tests.integration.service_support import running_service, service_settings, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def _run(
+    settings: Settings, runtime: ModelRuntime, n: int, broker: str, source: str, *, uncertain: int
+) -> tuple[Metrics, list]:
+    """Serve ``n`` messages with the review router as the publish hook; wait until each is judged."""
+    metrics = Metrics(CollectorRegistry())
+    router = ReviewRouter(settings.active_learning, metrics)
+    produce(
+        broker,
+        source,
+        [(f"k{i}".encode(), json.dumps({"text": f"text {i}", "id": i}).encode()) for i in range(n)],
+    )
+    with running_service(settings, runtime, publish_hook=router):
+        outputs = read_all(broker, settings.kafka.output_topic, n)
+        assert len(outputs) == n  # every prediction is published, copied or not
+        judged = lambda: metrics.review_routed._value.get() + metrics.review_rate_limited._value.get()  # noqa: E731
+        wait_until(lambda: judged() >= uncertain, 30, "every uncertain prediction judged")
+    return metrics, outputs
+
+
+def test_uncertain_predictions_go_to_review_under_the_rate_cap(
+    broker: str, topic_factory, kafka_settings, tiny_model_dir: Path
+) -> None:
+    source, out, dlq, review = (
+        topic_factory("in"),
+        topic_factory("out"),
+        topic_factory("dlq"),
+        topic_factory("rev"),
+    )
+    runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32")
+    kafka = kafka_settings(input_topics=[source], output_topic=out, dead_letter_topic=dlq)
+    # Threshold 1: every prediction is uncertain. At 0.5 copies/s (burst 1), a batch of 16
+    # handled at one instant can copy only one of them.
+    settings = service_settings(
+        kafka, active_learning={"topic": review, "threshold": 1.0, "max_per_second": 0.5}
+    )
+    n = 30
+
+    metrics, outputs = _run(settings, runtime, n, broker, source, uncertain=n)
+
+    routed = int(metrics.review_routed._value.get())
+    limited = int(metrics.review_rate_limited._value.get())
+    assert routed + limited == n
+    assert 1 <= routed < n
+    assert limited > 0
+    copies = read_all(broker, review, routed)
+    assert len(copies) == routed
+    version = runtime.version
+    by_offset = {json.loads(o.value)["source"]["offset"]: json.loads(o.value) for o in outputs}
+    for copy in copies:
+        body = json.loads(copy.value)
+        assert body["model_version"] == version
+        assert body["reason"] == "low_confidence"
+        assert body["probabilities"] == by_offset[body["source"]["offset"]]["probabilities"]
+        assert body["text"] == f"text {body['source']['offset']}"
+        assert copy.key == f"k{body['source']['offset']}".encode()
+        # A labeller answers with the copy's text and a label on a feedback topic.
+        assert set(body) >= {"text", "probabilities", "model_version"}
+
+
+def test_confident_predictions_are_not_copied(
+    broker: str, topic_factory, kafka_settings, tiny_model_dir: Path
+) -> None:
+    source, out, dlq, review = (
+        topic_factory("in"),
+        topic_factory("out"),
+        topic_factory("dlq"),
+        topic_factory("rev"),
+    )
+    runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32")
+    kafka = kafka_settings(input_topics=[source], output_topic=out, dead_letter_topic=dlq)
+    # Any top probability of a 3-class model is >= 1/3, and margin 0 never triggers.
+    settings = service_settings(
+        kafka, active_learning={"topic": review, "threshold": 0.3, "max_per_second": 100}
+    )
+
+    metrics, _ = _run(settings, runtime, 10, broker, source, uncertain=0)
+
+    assert metrics.review_routed._value.get() == 0
+    assert read_all(broker, review, 1, timeout_s=3) == []

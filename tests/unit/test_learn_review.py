@@ -1,0 +1,83 @@
+"""Active-learning routing: which predictions are uncertain, the copy's content, the rate cap."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from stream_classifier.config import ActiveLearningSettings
+from stream_classifier.learn.review import ReviewRouter, TokenBucket, uncertainty
+from stream_classifier.ops.metrics import Metrics
+from stream_classifier.stream.kafka_io import Record
+from stream_classifier.stream.service import PublishedBatch
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _batch(rows: list[list[float]]) -> PublishedBatch:
+    classes = ["a", "b", "c"]
+    probabilities = np.array(rows, dtype=np.float32)
+    return PublishedBatch(
+        records=[Record("in", 0, i, b"k%d" % i, b"{}", (), None) for i in range(len(rows))],
+        texts=[f"text {i}" for i in range(len(rows))],
+        probabilities=probabilities,
+        classes=classes,
+        labels=[classes[int(r.argmax())] for r in probabilities],
+        model_version="v7",
+    )
+
+
+def test_uncertainty_by_threshold_and_margin() -> None:
+    assert uncertainty(np.array([0.5, 0.3, 0.2]), threshold=0.6, margin=0.0) == "low_confidence"
+    assert uncertainty(np.array([0.5, 0.45, 0.05]), threshold=0.4, margin=0.1) == "low_margin"
+    assert uncertainty(np.array([0.9, 0.05, 0.05]), threshold=0.6, margin=0.1) is None
+
+
+def test_router_copies_uncertain_predictions_with_text_probabilities_and_version() -> None:
+    settings = ActiveLearningSettings(topic="review", threshold=0.6, margin=0.0, max_per_second=100)
+    metrics = Metrics(CollectorRegistry())
+    router = ReviewRouter(settings, metrics, clock=FakeClock())
+    out = list(router(_batch([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25]])))
+    assert [index for index, _ in out] == [1]
+    record = out[0][1]
+    assert record.topic == "review"
+    assert record.key == b"k1"
+    payload = json.loads(record.value or b"")
+    assert payload["text"] == "text 1"
+    assert payload["model_version"] == "v7"
+    assert payload["reason"] == "low_confidence"
+    assert payload["probabilities"] == {"a": 0.4000000059604645, "b": 0.3499999940395355, "c": 0.25}
+    assert payload["source"] == {"topic": "in", "partition": 0, "offset": 1}
+    assert metrics.review_routed._value.get() == 1
+
+
+def test_rate_cap_limits_copies_and_counts_the_rest() -> None:
+    clock = FakeClock()
+    settings = ActiveLearningSettings(topic="review", threshold=1.0, max_per_second=2)
+    metrics = Metrics(CollectorRegistry())
+    router = ReviewRouter(settings, metrics, clock=clock)
+    uncertain = [[0.4, 0.3, 0.3]] * 10
+    assert len(list(router(_batch(uncertain)))) == 2  # a burst of one second's worth
+    clock.now += 1.0
+    assert len(list(router(_batch(uncertain)))) == 2
+    clock.now += 0.25
+    assert len(list(router(_batch(uncertain)))) == 0
+    assert metrics.review_rate_limited._value.get() == 26
+
+
+def test_token_bucket_refills_at_its_rate_up_to_its_capacity() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=4, capacity=4, clock=clock)
+    assert sum(bucket.take() for _ in range(10)) == 4
+    clock.now += 100
+    assert sum(bucket.take() for _ in range(10)) == 4
+    clock.now += 0.5
+    assert sum(bucket.take() for _ in range(10)) == 2
