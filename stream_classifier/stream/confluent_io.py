@@ -1,0 +1,333 @@
+"""The confluent-kafka (librdkafka) transport: the same Consumer/Producer interface, faster.
+
+Chosen by ``kafka.transport: confluent`` and installed with ``pip install
+'stream-classifier[fast]'``; this module is imported only then. It keeps the contract of
+:mod:`stream_classifier.stream.kafka_io`:
+
+- rebalance callbacks run inside :meth:`ConfluentConsumer.poll`, on the polling thread
+  (librdkafka serves them from ``consume``);
+- delivery reports are served by :meth:`ConfluentProducer.poll` / ``flush`` on the caller's
+  thread and reach each record's ``on_delivery`` exactly once;
+- offsets are never committed automatically;
+- librdkafka retries connections itself; its errors map to
+  :class:`~stream_classifier.errors.BrokerUnavailableError` (transient) or
+  :class:`~stream_classifier.errors.TransportError` (fatal, e.g. authentication).
+
+Settings and pass-through properties use librdkafka's dotted names
+(``kafka.producer_properties: {linger.ms: 5}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from stream_classifier.config import KafkaSettings
+from stream_classifier.errors import BrokerUnavailableError, ConfigError, TransportError
+from stream_classifier.ops.logs import log_event
+from stream_classifier.stream.kafka_io import (
+    Consumer,
+    DeliveryCallback,
+    Headers,
+    Partition,
+    Producer,
+    RebalanceListener,
+    Record,
+    describe_client_config,
+)
+
+try:
+    import confluent_kafka as ck
+except ImportError:  # pragma: no cover - exercised only without the extra
+    raise ConfigError(
+        "setting 'kafka.transport' is 'confluent' but confluent-kafka is not installed: "
+        "pip install 'stream-classifier[fast]', or use transport 'kafka-python'"
+    ) from None
+
+logger = logging.getLogger(__name__)
+# librdkafka's own log lines (connection failures while it retries, ...) go through logging,
+# not straight to stderr.
+_librdkafka_logger = logging.getLogger(f"{__name__}.librdkafka")
+
+_RESERVED_CONSUMER = {"enable.auto.commit": False}
+# How long send() keeps serving delivery reports while librdkafka's local queue is full
+# before it reports the broker as unavailable (kafka-python's max_block_ms counterpart).
+_QUEUE_FULL_BLOCK_S = 10.0
+_FATAL_CODES = {
+    "_AUTHENTICATION",
+    "SASL_AUTHENTICATION_FAILED",
+    "TOPIC_AUTHORIZATION_FAILED",
+    "GROUP_AUTHORIZATION_FAILED",
+    "CLUSTER_AUTHORIZATION_FAILED",
+    "TRANSACTIONAL_ID_AUTHORIZATION_FAILED",
+    "_INVALID_ARG",
+    "_SSL",
+}
+
+
+def confluent_common_config(k: KafkaSettings) -> dict[str, Any]:
+    """Connection and security settings in librdkafka's names (holds the secret)."""
+    cfg: dict[str, Any] = {
+        "bootstrap.servers": ",".join(k.bootstrap_servers),
+        "client.id": k.client_id,
+        "security.protocol": k.security_protocol.lower(),
+    }
+    if k.sasl_mechanism is not None:
+        cfg["sasl.mechanism"] = k.sasl_mechanism
+    if k.sasl_username is not None:
+        cfg["sasl.username"] = k.sasl_username
+    if k.sasl_password is not None:
+        cfg["sasl.password"] = k.sasl_password.get_secret_value()
+    for setting, name in (
+        ("ssl_cafile", "ssl.ca.location"),
+        ("ssl_certfile", "ssl.certificate.location"),
+        ("ssl_keyfile", "ssl.key.location"),
+    ):
+        path = getattr(k, setting)
+        if path is not None:
+            cfg[name] = str(path)
+    return cfg
+
+
+def confluent_consumer_config(k: KafkaSettings, *, read_committed: bool = False) -> dict[str, Any]:
+    cfg = confluent_common_config(k)
+    cfg.update(
+        {
+            "group.id": k.group_id,
+            "auto.offset.reset": k.auto_offset_reset,
+            "session.timeout.ms": k.session_timeout_ms,
+            "heartbeat.interval.ms": k.heartbeat_interval_ms,
+            "max.partition.fetch.bytes": max(k.max_request_size, 1_048_576),
+            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+        }
+    )
+    cfg.update(k.consumer_properties)
+    for name, required in _RESERVED_CONSUMER.items():
+        if cfg.get(name, required) != required:
+            raise ConfigError(
+                f"setting 'kafka.consumer_properties.{name}' must not be set: the service commits "
+                "offsets itself, after the outputs are acknowledged"
+            )
+    cfg.update(_RESERVED_CONSUMER)
+    return cfg
+
+
+def confluent_producer_config(k: KafkaSettings, *, transactional_id: str | None = None) -> dict[str, Any]:
+    cfg = confluent_common_config(k)
+    # acks=all + idempotence keep per-partition order across retries.
+    cfg.update({"acks": "all", "enable.idempotence": True, "message.max.bytes": k.max_request_size})
+    cfg.update(k.producer_properties)
+    if transactional_id is not None:
+        cfg["transactional.id"] = transactional_id
+    return cfg
+
+
+def _translate(exc: BaseException, action: str) -> Exception:
+    """Map a librdkafka error to the package's transient/fatal pair."""
+    error = exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
+    if error is not None and (error.fatal() or error.name() in _FATAL_CODES):
+        return TransportError(f"{action} failed: {error.name()}: {error.str()}; check the kafka.* settings")
+    if error is not None:
+        return BrokerUnavailableError(f"{action} failed: {error.name()}: {error.str()}")
+    return BrokerUnavailableError(f"{action} failed: {type(exc).__name__}: {exc}")
+
+
+def _call(action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ck.KafkaException as exc:
+        raise _translate(exc, action) from exc
+
+
+class _ConnectionState:
+    """``connected()`` for librdkafka, which reconnects silently: set by its error callback."""
+
+    def __init__(self, role: str) -> None:
+        self.up = True
+        self._role = role
+
+    def on_error(self, error: ck.KafkaError) -> None:
+        if error.code() == ck.KafkaError._ALL_BROKERS_DOWN:
+            self.up = False
+        log_event(logger, "kafka_client_error", logging.DEBUG, role=self._role, error=error.str())
+
+
+def _partitions(tps: Iterable[ck.TopicPartition]) -> list[Partition]:
+    return sorted(Partition(tp.topic, tp.partition) for tp in tps)
+
+
+def _tps(partitions: Iterable[Partition], offsets: Mapping[Partition, int] | None = None) -> list[Any]:
+    if offsets is None:
+        return [ck.TopicPartition(tp.topic, tp.partition) for tp in partitions]
+    return [ck.TopicPartition(tp.topic, tp.partition, offsets[tp]) for tp in partitions]
+
+
+class ConfluentConsumer:
+    def __init__(self, settings: KafkaSettings, *, read_committed: bool = False) -> None:
+        self._state = _ConnectionState("consumer")
+        cfg = confluent_consumer_config(settings, read_committed=read_committed)
+        log_event(logger, "kafka_consumer_config", config=describe_client_config(cfg))
+        cfg.update(error_cb=self._state.on_error, logger=_librdkafka_logger)
+        self._consumer = _call("connecting the consumer", ck.Consumer, cfg)
+
+    def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
+        _call(
+            "subscribing",
+            self._consumer.subscribe,
+            list(topics),
+            on_assign=lambda _c, tps: listener.on_assigned(_partitions(tps)),
+            on_revoke=lambda _c, tps: listener.on_revoked(_partitions(tps)),
+            on_lost=lambda _c, tps: listener.on_lost(_partitions(tps)),
+        )
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Record]:
+        messages = _call("polling", self._consumer.consume, num_messages=max_records, timeout=timeout_s)
+        records: list[Record] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.fatal():
+                    raise _translate(ck.KafkaException(error), "polling")
+                log_event(logger, "kafka_consumer_error", logging.DEBUG, error=error.str())
+                continue
+            kind, timestamp = message.timestamp()
+            records.append(
+                Record(
+                    message.topic(),
+                    message.partition(),
+                    message.offset(),
+                    message.key(),
+                    message.value(),
+                    tuple(message.headers() or ()),
+                    timestamp if kind != ck.TIMESTAMP_NOT_AVAILABLE else None,
+                )
+            )
+        self._state.up = True
+        return records
+
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        _call("committing offsets", self._consumer.commit, offsets=_tps(offsets, offsets), asynchronous=False)
+
+    def seek(self, partition: Partition, offset: int) -> None:
+        _call("seeking", self._consumer.seek, ck.TopicPartition(partition[0], partition[1], offset))
+
+    def pause(self, partitions: Iterable[Partition]) -> None:
+        _call("pausing", self._consumer.pause, _tps(Partition(*tp) for tp in partitions))
+
+    def resume(self, partitions: Iterable[Partition]) -> None:
+        _call("resuming", self._consumer.resume, _tps(Partition(*tp) for tp in partitions))
+
+    def assignment(self) -> set[Partition]:
+        return set(_partitions(_call("reading the assignment", self._consumer.assignment)))
+
+    def position(self, partition: Partition) -> int:
+        (tp,) = _call("reading the position", self._consumer.position, _tps([Partition(*partition)]))
+        if tp.offset >= 0:
+            return int(tp.offset)
+        return self.end_offsets([partition])[partition]  # nothing fetched yet: no known lag
+
+    def end_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        ends: dict[Partition, int] = {}
+        for tp in partitions:
+            _low, high = _call(
+                "reading end offsets",
+                self._consumer.get_watermark_offsets,
+                ck.TopicPartition(*tp),
+                timeout=5.0,
+                cached=False,
+            )
+            ends[tp] = int(high)
+        return ends
+
+    def group_metadata(self) -> object:
+        return _call("reading the group metadata", self._consumer.consumer_group_metadata)
+
+    def connected(self) -> bool:
+        return self._state.up
+
+    def close(self) -> None:
+        _call("closing the consumer", self._consumer.close)
+
+
+class ConfluentProducer:
+    def __init__(self, settings: KafkaSettings, *, transactional_id: str | None = None) -> None:
+        self._state = _ConnectionState("producer")
+        cfg = confluent_producer_config(settings, transactional_id=transactional_id)
+        log_event(logger, "kafka_producer_config", config=describe_client_config(cfg))
+        cfg.update(error_cb=self._state.on_error, logger=_librdkafka_logger)
+        self._producer = _call("connecting the producer", ck.Producer, cfg)
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        headers: Headers,
+        on_delivery: DeliveryCallback,
+    ) -> None:
+        def report(error: ck.KafkaError | None, _message: Any) -> None:
+            on_delivery(None if error is None else _translate(ck.KafkaException(error), "producing"))
+
+        deadline = time.monotonic() + _QUEUE_FULL_BLOCK_S
+        while True:
+            try:
+                self._producer.produce(topic, value, key, headers=list(headers), on_delivery=report)
+                return
+            except BufferError:  # local queue full: serve reports until there is room
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailableError(
+                        f"producing failed: the local queue stayed full for {_QUEUE_FULL_BLOCK_S:.0f} s"
+                    ) from None
+                self._producer.poll(0.05)
+            except ck.KafkaException as exc:
+                raise _translate(exc, "producing") from exc
+
+    def poll(self, timeout_s: float) -> None:
+        self._producer.poll(timeout_s)
+
+    def flush(self, timeout_s: float) -> bool:
+        remaining: int = self._producer.flush(timeout_s)
+        return remaining == 0
+
+    def init_transactions(self, timeout_s: float) -> None:
+        _call("initialising transactions", self._producer.init_transactions, timeout_s)
+
+    def begin_transaction(self) -> None:
+        _call("beginning a transaction", self._producer.begin_transaction)
+
+    def send_offsets_to_transaction(
+        self, offsets: Mapping[Partition, int], consumer: Consumer, timeout_s: float
+    ) -> None:
+        _call(
+            "adding offsets to the transaction",
+            self._producer.send_offsets_to_transaction,
+            _tps(offsets, offsets),
+            consumer.group_metadata(),
+            timeout_s,
+        )
+
+    def commit_transaction(self, timeout_s: float) -> None:
+        _call("committing the transaction", self._producer.commit_transaction, timeout_s)
+
+    def abort_transaction(self, timeout_s: float) -> None:
+        _call("aborting the transaction", self._producer.abort_transaction, timeout_s)
+
+    def connected(self) -> bool:
+        return self._state.up
+
+    def close(self, timeout_s: float) -> None:
+        self._producer.flush(timeout_s)
+
+
+class ConfluentTransport:
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._settings = settings
+
+    def consumer(self, *, read_committed: bool = False) -> Consumer:
+        return ConfluentConsumer(self._settings, read_committed=read_committed)
+
+    def producer(self, *, transactional_id: str | None = None) -> Producer:
+        return ConfluentProducer(self._settings, transactional_id=transactional_id)

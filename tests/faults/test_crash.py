@@ -1,0 +1,132 @@
+"""Crashes: SIGKILL `serve` at random points while input keeps arriving, restart, repeat.
+
+Nothing may be lost, and the outputs written twice stay within the bound the README's
+message contract states: at most ``batching.max_in_flight`` messages per crash (they were
+published, and their offsets not yet committed). Replica loss: two instances, one killed
+mid-stream, the other takes its partitions over with no loss.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.faults.support import (
+    SCALES,
+    PacedFeeder,
+    Scale,
+    model_for,
+    output_ids,
+    seeded_rng,
+    start_serve,
+    write_serve_config,
+)
+from tests.fixtures.broker import committed_offsets
+from tests.integration.service_support import TopicReader
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+MAX_IN_FLIGHT = 256
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_repeated_sigkill_loses_nothing_and_duplicates_stay_bounded(
+    broker: str, topic_factory, tmp_path: Path, request: pytest.FixtureRequest, scale: Scale
+) -> None:
+    rng = seeded_rng(request)
+    model = model_for(scale, request)
+    source, out, dlq = topic_factory("in", partitions=3), topic_factory("out"), topic_factory("dlq")
+    group = f"crash-{source}"
+    config = write_serve_config(
+        tmp_path / "serve.yaml",
+        broker=broker,
+        group=group,
+        source=source,
+        out=out,
+        dlq=dlq,
+        model=model,
+        batching={"max_in_flight": MAX_IN_FLIGHT},
+    )
+    n = scale.messages
+    # Input arrives over roughly the time the kills take, so every kill lands mid-stream.
+    feeder = PacedFeeder(broker, source, n, seconds=12.0 * scale.kills).start()
+    reader = TopicReader(broker, out)
+    try:
+        for kill in range(scale.kills):
+            process = start_serve(config, tmp_path / f"serve-{kill}.log")
+            try:
+                before = len(reader.read())
+                reader.wait_for(
+                    lambda records, b=before: len(records) > b, 180, f"progress after start {kill}"
+                )
+                time.sleep(rng.uniform(0.0, 2.0))
+                process.send_signal(signal.SIGKILL)
+                process.wait(timeout=30)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+        feeder.join(timeout_s=120)
+        assert len(set(output_ids(reader.read(1.0)))) < n, "the kills came too late to test anything"
+
+        final = start_serve(config, tmp_path / "serve-final.log")
+        try:
+            expected = {f"m{i}" for i in range(n)}
+            reader.wait_for(lambda records: set(output_ids(records)) == expected, 300, "every message")
+            final.send_signal(signal.SIGTERM)
+            assert final.wait(timeout=40) == 0
+        finally:
+            if final.poll() is None:
+                final.kill()
+        counts = output_ids(reader.read(1.0))
+    finally:
+        reader.close()
+
+    assert set(counts) == expected  # nothing lost (and nothing invented)
+    duplicates = sum(counts.values()) - len(counts)
+    request.node.user_properties.append(("duplicates", duplicates))
+    sys.stderr.write(f"crash run: {n} messages, {scale.kills} kills, {duplicates} outputs repeated\n")
+    assert duplicates <= scale.kills * MAX_IN_FLIGHT
+    assert sum(offset or 0 for offset in committed_offsets(broker, group, source).values()) == n
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_replica_loss_the_survivor_takes_over(
+    broker: str, topic_factory, tmp_path: Path, request: pytest.FixtureRequest, scale: Scale
+) -> None:
+    model = model_for(scale, request)
+    source, out, dlq = topic_factory("in", partitions=4), topic_factory("out"), topic_factory("dlq")
+    config = write_serve_config(
+        tmp_path / "serve.yaml",
+        broker=broker,
+        group=f"replicas-{source}",
+        source=source,
+        out=out,
+        dlq=dlq,
+        model=model,
+        transport="confluent",  # the crash test above uses kafka-python
+    )
+    n = scale.messages // 2
+    feeder = PacedFeeder(broker, source, n, seconds=20.0).start()
+    reader = TopicReader(broker, out)
+    survivor = start_serve(config, tmp_path / "survivor.log")
+    victim = start_serve(config, tmp_path / "victim.log")
+    try:
+        reader.wait_for(lambda records: len(records) >= n // 5, 180, "both replicas at work")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        assert len(set(output_ids(reader.read()))) < n, "the kill came too late to test anything"
+        feeder.join(timeout_s=120)
+        expected = {f"m{i}" for i in range(n)}
+        reader.wait_for(lambda records: set(output_ids(records)) == expected, 240, "every message")
+        assert survivor.poll() is None, "the survivor exited"
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(timeout=40) == 0
+    finally:
+        for process in (survivor, victim):
+            if process.poll() is None:
+                process.kill()
+        reader.close()

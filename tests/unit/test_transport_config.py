@@ -1,0 +1,100 @@
+"""Client configuration for both transports: security settings, pass-through properties, secrets.
+
+SASL/SCRAM and TLS are covered here at the configuration level because the test broker
+cannot run them end to end (see RELIABILITY.md: Tansu 0.6 with ``--authentication`` has no
+way to create the first SCRAM user on its in-memory storage).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import confluent_kafka as ck
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from stream_classifier.config import KafkaSettings
+from stream_classifier.errors import ConfigError
+from stream_classifier.stream import confluent_io, kafka_io
+
+SECURE = {
+    "bootstrap_servers": ["broker-1:9093", "broker-2:9093"],
+    "security_protocol": "SASL_SSL",
+    "sasl_mechanism": "SCRAM-SHA-512",
+    "sasl_username": "svc-classifier",
+    "sasl_password": "pa55word",
+    "ssl_cafile": Path("/etc/kafka/ca.pem"),
+    "ssl_certfile": Path("/etc/kafka/client.pem"),
+    "ssl_keyfile": Path("/etc/kafka/client.key"),
+}
+
+
+def test_kafka_python_gets_every_security_setting_under_its_own_names() -> None:
+    settings = KafkaSettings(**SECURE)
+    cfg = kafka_io.kafka_python_producer_config(settings)
+    assert cfg["bootstrap_servers"] == ["broker-1:9093", "broker-2:9093"]
+    assert cfg["security_protocol"] == "SASL_SSL" and cfg["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert (cfg["sasl_plain_username"], cfg["sasl_plain_password"]) == ("svc-classifier", "pa55word")
+    assert (cfg["ssl_cafile"], cfg["ssl_certfile"], cfg["ssl_keyfile"]) == (
+        "/etc/kafka/ca.pem",
+        "/etc/kafka/client.pem",
+        "/etc/kafka/client.key",
+    )
+    assert set(cfg) <= set(KafkaProducer.DEFAULT_CONFIG)
+    consumer_cfg = kafka_io.kafka_python_consumer_config(settings, read_committed=True)
+    assert consumer_cfg["isolation_level"] == "read_committed"
+    assert set(consumer_cfg) <= set(KafkaConsumer.DEFAULT_CONFIG)
+
+
+def test_librdkafka_gets_every_security_setting_under_its_names_and_accepts_them() -> None:
+    settings = KafkaSettings(**SECURE)
+    cfg = confluent_io.confluent_producer_config(settings, transactional_id="tx-1")
+    assert cfg["bootstrap.servers"] == "broker-1:9093,broker-2:9093"
+    assert cfg["security.protocol"] == "sasl_ssl" and cfg["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert (cfg["sasl.username"], cfg["sasl.password"]) == ("svc-classifier", "pa55word")
+    assert (cfg["ssl.ca.location"], cfg["ssl.certificate.location"], cfg["ssl.key.location"]) == (
+        "/etc/kafka/ca.pem",
+        "/etc/kafka/client.pem",
+        "/etc/kafka/client.key",
+    )
+    assert cfg["transactional.id"] == "tx-1" and cfg["enable.idempotence"] is True
+    # librdkafka validates every property name and value when the client is created.
+    plain = confluent_io.confluent_producer_config(
+        KafkaSettings(**{**SECURE, "security_protocol": "SASL_PLAINTEXT"})
+    )
+    ck.Producer(plain)
+    consumer_cfg = confluent_io.confluent_consumer_config(settings, read_committed=True)
+    assert consumer_cfg["isolation.level"] == "read_committed"
+    assert consumer_cfg["enable.auto.commit"] is False
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (kafka_io.kafka_python_producer_config, "sasl_plain_password"),
+        (confluent_io.confluent_producer_config, "sasl.password"),
+    ],
+)
+def test_the_secret_is_masked_in_the_loggable_view(build, name: str) -> None:
+    described = kafka_io.describe_client_config(build(KafkaSettings(**SECURE)))
+    assert described[name] == "**********"
+    assert "pa55word" not in repr(described)
+
+
+def test_pass_through_properties_reach_the_client_but_cannot_enable_auto_commit() -> None:
+    settings = KafkaSettings(
+        producer_properties={"linger.ms": 20, "compression.type": "lz4"},
+        consumer_properties={"fetch.min.bytes": 1024},
+    )
+    assert confluent_io.confluent_producer_config(settings)["linger.ms"] == 20
+    assert confluent_io.confluent_consumer_config(settings)["fetch.min.bytes"] == 1024
+    auto_commit = KafkaSettings(consumer_properties={"enable.auto.commit": True})
+    with pytest.raises(ConfigError, match=r"enable\.auto\.commit"):
+        confluent_io.confluent_consumer_config(auto_commit)
+
+
+def test_the_transport_setting_picks_the_client() -> None:
+    assert isinstance(kafka_io.make_transport(KafkaSettings()), kafka_io.KafkaPythonTransport)
+    assert isinstance(
+        kafka_io.make_transport(KafkaSettings(transport="confluent")), confluent_io.ConfluentTransport
+    )
