@@ -348,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("demo", _cmd_demo, "Embedded broker + sample stream: see the service work end to end.")
     _add_config(p)
-    p.add_argument("--bootstrap-servers", default=None, help="use this cluster instead of the embedded broker")
+    p.add_argument(
+        "--bootstrap-servers", default=None, help="use this cluster instead of the embedded broker"
+    )
     p.add_argument("--messages", type=int, default=400)
     p.add_argument("--model", type=Path, default=None, help="serve this model instead of training one")
     p.add_argument("--follow", action="store_true", help="keep running until Ctrl-C")
