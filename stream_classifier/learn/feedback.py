@@ -33,27 +33,12 @@ from stream_classifier.errors import BrokerUnavailableError, StreamClassifierErr
 from stream_classifier.learn.tail import TopicReader, offsets_key
 from stream_classifier.model.examples import Example
 from stream_classifier.ops.logs import log_event
-from stream_classifier.ops.metrics import Metrics
+from stream_classifier.ops.metrics import DeadLetterReason, Metrics
 from stream_classifier.stream.codec import Rejected as CodecRejected
 from stream_classifier.stream.codec import encode_dead_letter
 from stream_classifier.stream.kafka_io import Producer, Record
 
 logger = logging.getLogger(__name__)
-
-DecodeReason = Literal[
-    "null_value",
-    "too_large",
-    "invalid_utf8",
-    "invalid_json",
-    "not_an_object",
-    "missing_text",
-    "text_not_string",
-    "empty_text",
-    "missing_label",
-    "invalid_label",
-    "invalid_id",
-    "too_many_labels",
-]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +66,7 @@ class FeedbackItem:
 class Rejected:
     """A feedback message that cannot be used: the dead-letter reason and a human detail."""
 
-    reason: DecodeReason
+    reason: DeadLetterReason
     detail: str
 
 
@@ -101,27 +86,37 @@ def decode_feedback(value: bytes | None, max_bytes: int) -> FeedbackItem | Rejec
         return Rejected("invalid_json", f"not JSON ({exc.msg})")
     if not isinstance(obj, dict):
         return Rejected("not_an_object", "feedback must be a JSON object with 'text' and 'label'")
-    text = obj.get("text")
-    if text is None:
-        return Rejected("missing_text", "'text' is missing")
-    if not isinstance(text, str):
-        return Rejected("text_not_string", "'text' must be a string")
-    if not text.strip():
-        return Rejected("empty_text", "'text' is empty")
-    label = obj.get("label")
-    if label is None:
-        return Rejected("missing_label", "'label' is missing")
-    if not isinstance(label, str):
-        return Rejected("invalid_label", "'label' must be a string")
+    text = _non_blank_string(obj, "text", "missing_text", "text_not_string", "empty_text")
+    if isinstance(text, Rejected):
+        return text
+    label = _non_blank_string(obj, "label", "missing_label", "invalid_label", "missing_label")
+    if isinstance(label, Rejected):
+        return label
     label = label.strip()
-    if not label:
-        return Rejected("missing_label", "'label' is empty")
     raw_id = obj.get("id")
     if raw_id is None:
         return FeedbackItem(text=text, label=label)
     if isinstance(raw_id, bool) or not isinstance(raw_id, str | int) or str(raw_id) == "":
         return Rejected("invalid_id", "'id' must be a non-empty string or an integer")
     return FeedbackItem(text=text, label=label, id=str(raw_id))
+
+
+def _non_blank_string(
+    obj: dict[str, object],
+    field: str,
+    missing: DeadLetterReason,
+    not_string: DeadLetterReason,
+    blank: DeadLetterReason,
+) -> str | Rejected:
+    """``obj[field]`` if it is a string with a non-space character, else the reason it is not."""
+    value = obj.get(field)
+    if value is None:
+        return Rejected(missing, f"'{field}' is missing")
+    if not isinstance(value, str):
+        return Rejected(not_string, f"'{field}' must be a string")
+    if not value.strip():
+        return Rejected(blank, f"'{field}' is empty")
+    return value
 
 
 def is_held_out(split_key: str, fraction: float) -> bool:

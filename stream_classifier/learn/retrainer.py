@@ -36,9 +36,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Literal, Protocol
+from typing import IO, Any, Literal, Protocol
 
-from stream_classifier.config import Settings
+from stream_classifier.config import RetrainSettings, Settings
 from stream_classifier.errors import ConfigError, ModelStoreError, TrainingError, TransportError
 from stream_classifier.learn.challenger import JobResult, JobSpec, Scores, run_job, write_examples
 from stream_classifier.learn.feedback import FeedbackItem, FeedbackReader, FeedbackSnapshot, decode_feedback
@@ -112,6 +112,21 @@ def merge_training_set(snapshot: FeedbackSnapshot, kept: list[Example]) -> list[
             seen.add((example.text, example.label))
             merged.append(example)
     return merged
+
+
+def training_options(retrain: RetrainSettings) -> dict[str, Any]:
+    """The :class:`~stream_classifier.model.training.TrainingConfig` fields ``retrain.*`` sets.
+
+    The seed and the per-label cap travel beside them (see :class:`JobSpec`).
+    """
+    return {
+        "num_iterations": retrain.num_iterations,
+        "epochs": retrain.epochs,
+        "batch_size": retrain.batch_size,
+        "body_learning_rate": retrain.learning_rate,
+        "max_steps": retrain.max_steps,
+        "max_seq_length": retrain.train_max_seq_length,
+    }
 
 
 def load_trusted_eval(settings: Settings) -> list[Example]:
@@ -342,14 +357,7 @@ class Retrainer:
             cache_dir=str(self._store.root / "cache"),
             max_examples_per_label=self._settings.feedback.max_examples_per_label,
             seed=retrain.seed,
-            training={
-                "num_iterations": retrain.num_iterations,
-                "epochs": retrain.epochs,
-                "batch_size": retrain.batch_size,
-                "body_learning_rate": retrain.learning_rate,
-                "max_steps": retrain.max_steps,
-                "max_seq_length": retrain.train_max_seq_length,
-            },
+            training=training_options(retrain),
         )
         (work / "job.json").write_text(json.dumps(asdict(spec)), encoding="utf-8")
         write_examples(work / "train.jsonl", train)

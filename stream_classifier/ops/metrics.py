@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal, get_args
 
 from prometheus_client import (
     REGISTRY,
@@ -28,7 +29,7 @@ from prometheus_client import (
 PREFIX = "stream_classifier"
 
 # Every reason a message can become a dead letter (codec reasons + processing reasons).
-DEAD_LETTER_REASONS = (
+DeadLetterReason = Literal[
     "null_value",
     "too_large",
     "invalid_utf8",
@@ -42,7 +43,8 @@ DEAD_LETTER_REASONS = (
     "invalid_id",
     "too_many_labels",
     "inference_failed",
-)
+]
+DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = get_args(DeadLetterReason)
 RETRAIN_OUTCOMES = ("promoted", "rejected", "skipped", "failed")
 RETRAIN_PHASES = ("load", "train", "evaluate", "swap")
 SCORE_SPLITS = ("holdout", "trusted")

@@ -36,6 +36,8 @@ from stream_classifier.stream.kafka_io import (
     RebalanceListener,
     Record,
     describe_client_config,
+    security_config,
+    with_consumer_properties,
 )
 
 try:
@@ -74,20 +76,17 @@ def confluent_common_config(k: KafkaSettings) -> dict[str, Any]:
         "client.id": k.client_id,
         "security.protocol": k.security_protocol.lower(),
     }
-    if k.sasl_mechanism is not None:
-        cfg["sasl.mechanism"] = k.sasl_mechanism
-    if k.sasl_username is not None:
-        cfg["sasl.username"] = k.sasl_username
-    if k.sasl_password is not None:
-        cfg["sasl.password"] = k.sasl_password.get_secret_value()
-    for setting, name in (
-        ("ssl_cafile", "ssl.ca.location"),
-        ("ssl_certfile", "ssl.certificate.location"),
-        ("ssl_keyfile", "ssl.key.location"),
-    ):
-        path = getattr(k, setting)
-        if path is not None:
-            cfg[name] = str(path)
+    cfg.update(
+        security_config(
+            k,
+            sasl_mechanism="sasl.mechanism",
+            sasl_username="sasl.username",
+            sasl_password="sasl.password",
+            ssl_cafile="ssl.ca.location",
+            ssl_certfile="ssl.certificate.location",
+            ssl_keyfile="ssl.key.location",
+        )
+    )
     return cfg
 
 
@@ -103,15 +102,7 @@ def confluent_consumer_config(k: KafkaSettings, *, read_committed: bool = False)
             "isolation.level": "read_committed" if read_committed else "read_uncommitted",
         }
     )
-    cfg.update(k.consumer_properties)
-    for name, required in _RESERVED_CONSUMER.items():
-        if cfg.get(name, required) != required:
-            raise ConfigError(
-                f"setting 'kafka.consumer_properties.{name}' must not be set: the service commits "
-                "offsets itself, after the outputs are acknowledged"
-            )
-    cfg.update(_RESERVED_CONSUMER)
-    return cfg
+    return with_consumer_properties(cfg, k.consumer_properties, _RESERVED_CONSUMER)
 
 
 def confluent_producer_config(k: KafkaSettings, *, transactional_id: str | None = None) -> dict[str, Any]:

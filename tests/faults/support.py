@@ -1,4 +1,6 @@
-"""Helpers for the fault-injection suite: scale (CI or soak), serve processes, bookkeeping.
+"""Helpers for the fault-injection suite: scale (CI or soak), input pacing, bookkeeping.
+
+`serve` processes come from :mod:`tests.integration.service_support`.
 
 Soak mode (``STREAM_CLASSIFIER_SOAK=1``, marker ``soak``) runs the same scenarios longer,
 with the real MiniLM model; CI runs them small, with the tiny random model.
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -20,10 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kafka import KafkaProducer
-
-from tests.fixtures.broker import TEST_HEARTBEAT_MS, TEST_SESSION_TIMEOUT_MS, transport_properties
 
 SOAK = os.environ.get("STREAM_CLASSIFIER_SOAK") == "1"
 
@@ -58,53 +56,6 @@ def model_for(scale: Scale, request: pytest.FixtureRequest) -> Path:
     name = "minilm_model_dir" if scale.real_model else "tiny_model_dir"
     path: Path = request.getfixturevalue(name)
     return path
-
-
-def write_serve_config(
-    path: Path,
-    *,
-    broker: str,
-    group: str,
-    source: str,
-    out: str,
-    dlq: str,
-    model: Path,
-    transport: str = "kafka-python",
-    **sections: dict[str, Any],
-) -> Path:
-    config: dict[str, Any] = {
-        "kafka": {
-            "transport": transport,
-            **transport_properties(transport),
-            "bootstrap_servers": broker,
-            "group_id": group,
-            "input_topics": source,
-            "output_topic": out,
-            "dead_letter_topic": dlq,
-            "session_timeout_ms": TEST_SESSION_TIMEOUT_MS,
-            "heartbeat_interval_ms": TEST_HEARTBEAT_MS,
-        },
-        "model": {"path": str(model), "device": "cpu", "precision": "fp32"},
-        "batching": {"max_batch_size": 32, "max_wait_ms": 10},
-        "processing": {"shutdown_timeout_s": 20},
-        "metrics": {"port": 0},
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def start_serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_CLASSIFIER_")}
-    env["HF_HUB_OFFLINE"] = "1"
-    with log.open("ab") as sink:
-        return subprocess.Popen(
-            [sys.executable, "-m", "stream_classifier", "serve", "--config", str(config)],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
 
 
 def message(i: int) -> bytes:

@@ -8,25 +8,24 @@ mid-stream, the other takes its partitions over with no loss.
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.faults.support import (
-    SCALES,
-    PacedFeeder,
-    Scale,
-    model_for,
-    output_ids,
-    seeded_rng,
+from tests.faults.support import SCALES, PacedFeeder, Scale, model_for, output_ids, seeded_rng
+from tests.fixtures.broker import committed_offsets
+from tests.integration.service_support import (
+    TopicReader,
+    crash,
+    serve_topics,
+    serving,
     start_serve,
+    terminate,
+    wait_until,
     write_serve_config,
 )
-from tests.fixtures.broker import committed_offsets
-from tests.integration.service_support import TopicReader
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -39,48 +38,40 @@ def test_repeated_sigkill_loses_nothing_and_duplicates_stay_bounded(
 ) -> None:
     rng = seeded_rng(request)
     model = model_for(scale, request)
-    source, out, dlq = topic_factory("in", partitions=3), topic_factory("out"), topic_factory("dlq")
-    group = f"crash-{source}"
+    topics = serve_topics(topic_factory, partitions=3)
+    source, group = topics.source, f"crash-{topics.source}"
     config = write_serve_config(
         tmp_path / "serve.yaml",
         broker=broker,
         group=group,
-        source=source,
-        out=out,
-        dlq=dlq,
+        topics=topics,
         model=model,
         batching={"max_in_flight": MAX_IN_FLIGHT},
     )
     n = scale.messages
     # Input arrives over roughly the time the kills take, so every kill lands mid-stream.
     feeder = PacedFeeder(broker, source, n, seconds=12.0 * scale.kills).start()
-    reader = TopicReader(broker, out)
+    reader = TopicReader(broker, topics.out)
     try:
         for kill in range(scale.kills):
-            process = start_serve(config, tmp_path / f"serve-{kill}.log")
-            try:
+            with serving(config, tmp_path / f"serve-{kill}.log") as process:
                 before = len(reader.read())
                 reader.wait_for(
                     lambda records, b=before: len(records) > b, 180, f"progress after start {kill}"
                 )
                 time.sleep(rng.uniform(0.0, 2.0))
-                process.send_signal(signal.SIGKILL)
-                process.wait(timeout=30)
-            finally:
-                if process.poll() is None:
-                    process.kill()
+                crash(process)
         feeder.join(timeout_s=120)
         assert len(set(output_ids(reader.read(1.0)))) < n, "the kills came too late to test anything"
 
-        final = start_serve(config, tmp_path / "serve-final.log")
-        try:
+        final_log = tmp_path / "serve-final.log"
+        with serving(config, final_log) as final:
             expected = {f"m{i}" for i in range(n)}
             reader.wait_for(lambda records: set(output_ids(records)) == expected, 300, "every message")
-            final.send_signal(signal.SIGTERM)
-            assert final.wait(timeout=40) == 0
-        finally:
-            if final.poll() is None:
-                final.kill()
+            # The outputs may all exist before this instance has even started: stop it only
+            # once it is running, so that the SIGTERM tests the graceful path.
+            wait_until(lambda: "partitions_assigned" in final_log.read_text(), 120, "the final instance")
+            assert terminate(final) == 0
         counts = output_ids(reader.read(1.0))
     finally:
         reader.close()
@@ -98,33 +89,29 @@ def test_replica_loss_the_survivor_takes_over(
     broker: str, topic_factory, tmp_path: Path, request: pytest.FixtureRequest, scale: Scale
 ) -> None:
     model = model_for(scale, request)
-    source, out, dlq = topic_factory("in", partitions=4), topic_factory("out"), topic_factory("dlq")
+    topics = serve_topics(topic_factory, partitions=4)
     config = write_serve_config(
         tmp_path / "serve.yaml",
         broker=broker,
-        group=f"replicas-{source}",
-        source=source,
-        out=out,
-        dlq=dlq,
+        group=f"replicas-{topics.source}",
+        topics=topics,
         model=model,
         transport="confluent",  # the crash test above uses kafka-python
     )
     n = scale.messages // 2
-    feeder = PacedFeeder(broker, source, n, seconds=20.0).start()
-    reader = TopicReader(broker, out)
+    feeder = PacedFeeder(broker, topics.source, n, seconds=20.0).start()
+    reader = TopicReader(broker, topics.out)
     survivor = start_serve(config, tmp_path / "survivor.log")
     victim = start_serve(config, tmp_path / "victim.log")
     try:
         reader.wait_for(lambda records: len(records) >= n // 5, 180, "both replicas at work")
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=30)
+        crash(victim)
         assert len(set(output_ids(reader.read()))) < n, "the kill came too late to test anything"
         feeder.join(timeout_s=120)
         expected = {f"m{i}" for i in range(n)}
         reader.wait_for(lambda records: set(output_ids(records)) == expected, 240, "every message")
         assert survivor.poll() is None, "the survivor exited"
-        survivor.send_signal(signal.SIGTERM)
-        assert survivor.wait(timeout=40) == 0
+        assert terminate(survivor) == 0
     finally:
         for process in (survivor, victim):
             if process.poll() is None:

@@ -13,7 +13,6 @@ consumed offsets commit in one Kafka transaction.
 
 from __future__ import annotations
 
-import signal
 import time
 import uuid
 from collections import Counter
@@ -25,9 +24,18 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.stream.embedded_broker import create_topics
-from tests.faults.support import PacedFeeder, message, output_ids, start_serve, write_serve_config
+from tests.faults.support import PacedFeeder, message, output_ids
 from tests.fixtures.broker import TRANSPORTS, committed_offsets, produce
-from tests.integration.service_support import TopicReader, running_service, service_settings
+from tests.integration.service_support import (
+    TopicReader,
+    crash,
+    running_service,
+    serve_topics,
+    service_settings,
+    serving,
+    terminate,
+    write_serve_config,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -113,43 +121,31 @@ def test_exactly_once_across_sigkill_read_committed_sees_each_prediction_once(
         pytest.skip(
             f"the test broker does not hide aborted transactions from read_committed readers: {evidence}"
         )
-    source, out, dlq = topic_factory("in", partitions=2), topic_factory("out"), topic_factory("dlq")
+    topics = serve_topics(topic_factory, partitions=2)
     config = write_serve_config(
         tmp_path / "serve.yaml",
         broker=broker,
-        group=f"eos-{source}",
-        source=source,
-        out=out,
-        dlq=dlq,
+        group=f"eos-{topics.source}",
+        topics=topics,
         model=tiny_model_dir,
         processing={"guarantee": "exactly_once", "commit_interval_ms": 200},
         # A killed instance's open transaction is aborted by the broker after this timeout.
         kafka={"producer_properties": {"transaction_timeout_ms": 10_000}},
     )
     n = 1_000
-    feeder = PacedFeeder(broker, source, n, seconds=20.0).start()
-    reader = TopicReader(broker, out)
+    feeder = PacedFeeder(broker, topics.source, n, seconds=20.0).start()
+    reader = TopicReader(broker, topics.out)
     try:
         for attempt in range(2):
-            process = start_serve(config, tmp_path / f"serve-{attempt}.log")
-            try:
+            with serving(config, tmp_path / f"serve-{attempt}.log") as process:
                 wanted = (attempt + 1) * 50
                 reader.wait_for(lambda records, w=wanted: len(records) >= w, 180, "progress")
-                process.send_signal(signal.SIGKILL)
-                process.wait(timeout=30)
-            finally:
-                if process.poll() is None:
-                    process.kill()
+                crash(process)
         feeder.join(timeout_s=120)
-        final = start_serve(config, tmp_path / "serve-final.log")
-        try:
+        with serving(config, tmp_path / "serve-final.log") as final:
             reader.wait_for(lambda records: len(set(output_ids(records))) == n, 300, "every message")
-            final.send_signal(signal.SIGTERM)
-            assert final.wait(timeout=40) == 0
-        finally:
-            if final.poll() is None:
-                final.kill()
+            assert terminate(final) == 0
     finally:
         reader.close()
-    counts = output_ids(read_committed(broker, out))
+    counts = output_ids(read_committed(broker, topics.out))
     assert counts == Counter({f"m{i}": 1 for i in range(n)})

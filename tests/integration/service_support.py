@@ -1,14 +1,21 @@
-"""Helpers for the service integration tests: settings, an in-process service, reading outputs."""
+"""Helpers for the service integration tests: settings, the service in-process or as a
+`serve` process, reading outputs."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
+import yaml
 from prometheus_client import CollectorRegistry
 
 from stream_classifier.config import KafkaSettings, Settings
@@ -16,6 +23,12 @@ from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.kafka_io import make_transport
 from stream_classifier.stream.service import PublishHook, StreamService
+from tests.fixtures.broker import (
+    TEST_HEARTBEAT_MS,
+    TEST_SESSION_TIMEOUT_MS,
+    TopicFactory,
+    transport_properties,
+)
 
 
 def service_settings(kafka: KafkaSettings, **sections: Any) -> Settings:
@@ -97,3 +110,87 @@ class TopicReader:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+# --------------------------------------------------------------------------- `serve` processes
+
+
+class ServeTopics(NamedTuple):
+    source: str
+    out: str
+    dlq: str
+
+
+def serve_topics(topic_factory: TopicFactory, *, partitions: int) -> ServeTopics:
+    """Fresh input (with ``partitions``), output and dead-letter topics."""
+    return ServeTopics(topic_factory("in", partitions=partitions), topic_factory("out"), topic_factory("dlq"))
+
+
+def write_serve_config(
+    path: Path,
+    *,
+    broker: str,
+    group: str,
+    topics: ServeTopics,
+    model: Path,
+    transport: str = "kafka-python",
+    **sections: dict[str, Any],
+) -> Path:
+    """A `serve` config file for the test broker; ``sections`` are merged into the defaults."""
+    config: dict[str, Any] = {
+        "kafka": {
+            "transport": transport,
+            **transport_properties(transport),
+            "bootstrap_servers": broker,
+            "group_id": group,
+            "input_topics": topics.source,
+            "output_topic": topics.out,
+            "dead_letter_topic": topics.dlq,
+            "session_timeout_ms": TEST_SESSION_TIMEOUT_MS,
+            "heartbeat_interval_ms": TEST_HEARTBEAT_MS,
+        },
+        "model": {"path": str(model), "device": "cpu", "precision": "fp32"},
+        "batching": {"max_batch_size": 32, "max_wait_ms": 10},
+        "processing": {"shutdown_timeout_s": 20},
+        "metrics": {"port": 0},  # an ephemeral port: tests run side by side
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_serve(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`stream-classifier serve` as a child process, offline, its output appended to ``log``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_CLASSIFIER_")}
+    env["HF_HUB_OFFLINE"] = "1"
+    with log.open("ab") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "stream_classifier", "serve", "--config", str(config)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+@contextmanager
+def serving(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """:func:`start_serve`, killed on exit if the block left it running."""
+    process = start_serve(config, log)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def crash(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``process`` and reap it."""
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def terminate(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM ``process`` (a graceful stop) and return its exit status."""
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=40)

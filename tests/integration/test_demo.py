@@ -115,16 +115,15 @@ def test_quick_demo_trains_streams_shows_metrics_and_stops_on_ctrl_c(
     lines.until(r"stopping +service, HTTP server, broker", timeout_s=5)
 
 
-def test_demo_serves_a_given_model_and_exits_by_itself(tiny_model_dir: Path) -> None:
-    result = subprocess.run(
-        _command("demo", "--model", str(tiny_model_dir), "--messages", "20"),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+def _run_to_completion(args: tuple[str, ...], *, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """``stream-classifier *args`` run to its end, its output captured as text."""
+    return subprocess.run(
+        _command(*args), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout_s, check=False
     )
+
+
+def test_demo_serves_a_given_model_and_exits_by_itself(tiny_model_dir: Path) -> None:
+    result = _run_to_completion(("demo", "--model", str(tiny_model_dir), "--messages", "20"), timeout_s=300)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert f"loaded {tiny_model_dir}" in result.stdout
     assert "result    20/20 classified" in result.stdout
@@ -133,14 +132,9 @@ def test_demo_serves_a_given_model_and_exits_by_itself(tiny_model_dir: Path) -> 
 
 
 def test_demo_with_an_unreachable_cluster_fails_with_a_clear_message() -> None:
-    result = subprocess.run(
-        _command("demo", "--bootstrap-servers", "127.0.0.1:1", "--model", "/nonexistent", "--messages", "1"),
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = _run_to_completion(
+        ("demo", "--bootstrap-servers", "127.0.0.1:1", "--model", "/nonexistent", "--messages", "1"),
+        timeout_s=120,
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

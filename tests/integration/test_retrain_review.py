@@ -3,19 +3,43 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from stream_classifier.config import Settings
+from stream_classifier.config import KafkaSettings, Settings
 from stream_classifier.learn.review import ReviewRouter
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics
-from tests.fixtures.broker import produce, read_all
+from tests.fixtures.broker import TopicFactory, produce, read_all
 from tests.integration.service_support import running_service, service_settings, wait_until
 
 pytestmark = pytest.mark.integration
+
+
+def _setup(
+    topic_factory: TopicFactory,
+    kafka_settings: Callable[..., KafkaSettings],
+    model_dir: Path,
+    *,
+    threshold: float,
+    max_per_second: float,
+) -> tuple[Settings, ModelRuntime, str, str]:
+    """Settings with active learning on, the loaded model, and the input and review topics."""
+    source, out, dlq, review = (
+        topic_factory("in"),
+        topic_factory("out"),
+        topic_factory("dlq"),
+        topic_factory("rev"),
+    )
+    runtime = ModelRuntime.load(model_dir, device="cpu", precision="fp32")
+    kafka = kafka_settings(input_topics=[source], output_topic=out, dead_letter_topic=dlq)
+    settings = service_settings(
+        kafka, active_learning={"topic": review, "threshold": threshold, "max_per_second": max_per_second}
+    )
+    return settings, runtime, source, review
 
 
 def _run(
@@ -40,18 +64,10 @@ def _run(
 def test_uncertain_predictions_go_to_review_under_the_rate_cap(
     broker: str, topic_factory, kafka_settings, tiny_model_dir: Path
 ) -> None:
-    source, out, dlq, review = (
-        topic_factory("in"),
-        topic_factory("out"),
-        topic_factory("dlq"),
-        topic_factory("rev"),
-    )
-    runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32")
-    kafka = kafka_settings(input_topics=[source], output_topic=out, dead_letter_topic=dlq)
     # Threshold 1: every prediction is uncertain. At 0.5 copies/s (burst 1), a batch of 16
     # handled at one instant can copy only one of them.
-    settings = service_settings(
-        kafka, active_learning={"topic": review, "threshold": 1.0, "max_per_second": 0.5}
+    settings, runtime, source, review = _setup(
+        topic_factory, kafka_settings, tiny_model_dir, threshold=1.0, max_per_second=0.5
     )
     n = 30
 
@@ -80,17 +96,9 @@ def test_uncertain_predictions_go_to_review_under_the_rate_cap(
 def test_confident_predictions_are_not_copied(
     broker: str, topic_factory, kafka_settings, tiny_model_dir: Path
 ) -> None:
-    source, out, dlq, review = (
-        topic_factory("in"),
-        topic_factory("out"),
-        topic_factory("dlq"),
-        topic_factory("rev"),
-    )
-    runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32")
-    kafka = kafka_settings(input_topics=[source], output_topic=out, dead_letter_topic=dlq)
     # Any top probability of a 3-class model is >= 1/3, and margin 0 never triggers.
-    settings = service_settings(
-        kafka, active_learning={"topic": review, "threshold": 0.3, "max_per_second": 100}
+    settings, runtime, source, review = _setup(
+        topic_factory, kafka_settings, tiny_model_dir, threshold=0.3, max_per_second=100
     )
 
     metrics, _ = _run(settings, runtime, 10, broker, source, uncertain=0)

@@ -52,6 +52,22 @@ def test_plan_chunks_covers_every_position_once_within_budget(lengths: list[int]
         assert [lengths[i] for i in chunk] == sorted(lengths[i] for i in chunk)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 300), max_size=80), st.integers(0, 500))
+def test_plan_chunks_bounds_the_padding_each_longer_row_adds(lengths: list[int], pass_cost: int) -> None:
+    chunks = plan_chunks(lengths, 10**9, pass_cost)
+    assert sorted(int(i) for chunk in chunks for i in chunk) == list(range(len(lengths)))
+    for chunk in chunks:
+        sizes = [lengths[i] for i in chunk]
+        assert all(row * (sizes[row] - sizes[row - 1]) <= pass_cost for row in range(1, len(sizes)))
+
+
+def test_plan_chunks_gives_an_outlier_its_own_pass() -> None:
+    chunks = plan_chunks([30] * 20 + [150], 16_384, 128)
+    assert [len(chunk) for chunk in chunks] == [20, 1]
+    assert [len(chunk) for chunk in plan_chunks([30] * 20 + [150], 16_384)] == [21]
+
+
 def test_token_budget_batching_restores_input_order(tiny_model_dir: Path, tiny_runtime: ModelRuntime) -> None:
     small = ModelRuntime.load(tiny_model_dir, device="cpu", token_budget=24)
     prepared = small.prepare(TEXTS)
@@ -77,6 +93,7 @@ def test_cuda_oom_splits_the_batch_and_retries(
     tiny_runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     expected = tiny_runtime.predict_proba(TEXTS)
+    widest_chunk = max(len(chunk.positions) for chunk in tiny_runtime.prepare(TEXTS).chunks)
     real = tiny_runtime._probabilities
     calls: list[int] = []
 
@@ -89,7 +106,7 @@ def test_cuda_oom_splits_the_batch_and_retries(
 
     monkeypatch.setattr(tiny_runtime, "_probabilities", oom_above_two_rows)
     np.testing.assert_allclose(tiny_runtime.predict_proba(TEXTS), expected, atol=1e-6)
-    assert max(calls) == len(TEXTS)  # the whole batch was tried first
+    assert widest_chunk > 2 and max(calls) == widest_chunk  # each chunk was tried whole first
     assert sum(rows for rows in calls if rows <= 2) == len(TEXTS)  # and every text was done once
 
 
