@@ -27,11 +27,13 @@ import logging
 import queue
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka import errors as kerr
 from kafka.structs import OffsetAndMetadata
+from pydantic import SecretStr
 
 from stream_classifier.config import KafkaSettings
 from stream_classifier.errors import BrokerUnavailableError, ConfigError, TransportError
@@ -152,16 +154,35 @@ def kafka_python_common_config(k: KafkaSettings) -> dict[str, Any]:
         "client_id": k.client_id,
         "security_protocol": k.security_protocol,
     }
-    if k.sasl_mechanism is not None:
-        cfg["sasl_mechanism"] = k.sasl_mechanism
-    if k.sasl_username is not None:
-        cfg["sasl_plain_username"] = k.sasl_username
-    if k.sasl_password is not None:
-        cfg["sasl_plain_password"] = k.sasl_password.get_secret_value()
-    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-        path = getattr(k, name)
-        if path is not None:
-            cfg[name] = str(path)
+    cfg.update(
+        security_config(
+            k,
+            sasl_mechanism="sasl_mechanism",
+            sasl_username="sasl_plain_username",
+            sasl_password="sasl_plain_password",
+            ssl_cafile="ssl_cafile",
+            ssl_certfile="ssl_certfile",
+            ssl_keyfile="ssl_keyfile",
+        )
+    )
+    return cfg
+
+
+def security_config(k: KafkaSettings, **client_names: str) -> dict[str, Any]:
+    """The SASL/SSL settings that are set, each under its client's name (holds the secret).
+
+    ``client_names`` maps a :class:`KafkaSettings` field to the client's property name;
+    secrets are revealed and paths become strings.
+    """
+    cfg: dict[str, Any] = {}
+    for setting, name in client_names.items():
+        value = getattr(k, setting)
+        if isinstance(value, SecretStr):
+            cfg[name] = value.get_secret_value()
+        elif isinstance(value, Path):
+            cfg[name] = str(value)
+        elif value is not None:
+            cfg[name] = value
     return cfg
 
 
@@ -176,14 +197,24 @@ def kafka_python_consumer_config(k: KafkaSettings, *, read_committed: bool = Fal
         max_poll_records=k.max_poll_records,
         max_partition_fetch_bytes=max(k.max_request_size, 1_048_576),
     )
-    cfg.update(k.consumer_properties)
-    for name, required in _RESERVED_CONSUMER.items():
+    return with_consumer_properties(cfg, k.consumer_properties, _RESERVED_CONSUMER)
+
+
+def with_consumer_properties(
+    cfg: dict[str, Any], properties: Mapping[str, Any], reserved: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``cfg`` with the pass-through ``properties`` applied; the ``reserved`` settings stay as given.
+
+    Raises :class:`ConfigError` if ``properties`` tries to change a reserved setting.
+    """
+    cfg.update(properties)
+    for name, required in reserved.items():
         if cfg.get(name, required) != required:
             raise ConfigError(
                 f"setting 'kafka.consumer_properties.{name}' must not be set: the service commits "
                 "offsets itself, after the outputs are acknowledged"
             )
-    cfg.update(_RESERVED_CONSUMER)
+    cfg.update(reserved)
     return cfg
 
 

@@ -86,7 +86,7 @@ logger = logging.getLogger(__name__)
 
 _PIPELINE_DEPTH = 3  # batches handed to the compute thread and not yet published
 _IDLE_POLL_S = 0.1
-_BUSY_POLL_S = 0.005
+_RUNNING_POLL_S = 0.05  # while a batch runs, how often the consumer is polled for the next
 _BACKOFF_MIN_S = 0.1
 _BACKOFF_MAX_S = 5.0
 _MIN_TRANSACTION_INTERVAL_S = 0.1
@@ -164,13 +164,16 @@ class StreamService:
         metrics: Metrics,
         transport: Transport,
         publish_hook: PublishHook | None = None,
+        health: HealthState | None = None,
     ) -> None:
         self._settings = settings
         self._kafka = settings.kafka
         self.metrics = metrics
         self._transport = transport
         self._publish_hook = publish_hook
-        self.health = HealthState(settings.metrics.liveness_timeout_s, ready_gauge=metrics.ready)
+        # ``serve`` passes the health object its ops server already answers from during the
+        # model load (503 then, not connection refused).
+        self.health = health or HealthState(settings.metrics.liveness_timeout_s, ready_gauge=metrics.ready)
 
         self._runtime = runtime
         self._next_runtime: ModelRuntime | None = None
@@ -305,7 +308,7 @@ class StreamService:
             if self._consumer is None:  # stopped while reconnecting
                 return
         self.health.tick()
-        self._drain_results(block=False)
+        self._drain_results(block=bool(self._outstanding), timeout_s=self._wait_s(time.monotonic()))
         self._drain_acks()
         self._commit_if_due()
         in_flight = self._apply_backpressure()
@@ -319,13 +322,23 @@ class StreamService:
             self._refresh_lag()
             self._next_lag_refresh = now + self._settings.metrics.lag_refresh_s
 
+    def _wait_s(self, now: float) -> float:
+        """How long the I/O thread may wait for its next event before it has work to do.
+
+        While batches run it waits on their results (a result wakes it at once) and polls the
+        consumer only between waits, without blocking: each Kafka poll costs about a
+        millisecond of CPU in the client's threads, which on a small CPU is the model's time.
+        A full pipeline accepts nothing until a result comes, so it waits the longest.
+        """
+        if self._outstanding >= _PIPELINE_DEPTH:
+            return _IDLE_POLL_S
+        longest = _RUNNING_POLL_S if self._outstanding else _IDLE_POLL_S
+        until_due = self._batcher.seconds_until_due(now)
+        return longest if until_due is None else min(longest, until_due)
+
     def _poll(self, now: float, in_flight: int) -> list[Record]:
         assert self._consumer is not None
-        if self._outstanding:
-            timeout = _BUSY_POLL_S
-        else:
-            until_due = self._batcher.seconds_until_due(now)
-            timeout = _IDLE_POLL_S if until_due is None else min(_IDLE_POLL_S, until_due)
+        timeout = 0.0 if self._outstanding else self._wait_s(now)
         room = self._settings.batching.max_in_flight - in_flight
         return self._consumer.poll(timeout, max(1, min(self._kafka.max_poll_records, room)))
 
