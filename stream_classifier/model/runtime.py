@@ -20,8 +20,9 @@ Invariants:
   not fit re-raises ``torch.cuda.OutOfMemoryError`` (a capacity problem, never a bad message);
 - precision ``auto`` is fp16 autocast on CUDA and fp32 on the CPU; ``bf16`` needs bf16
   support on the chosen CUDA device (always available on the CPU);
-- ``quantize="int8"`` (CPU only) replaces the body's Linear layers by torch dynamic
-  int8-quantised ones.
+- ``quantize="int8"`` (CPU only, fp32 around int8 weights) replaces the body by its ONNX
+  Runtime int8 export (:mod:`stream_classifier.model.int8`); tokenising, chunking and the
+  head are unchanged.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import contextlib
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +39,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from torch.ao.quantization import quantize_dynamic
 
 from stream_classifier.errors import ModelError
 from stream_classifier.model.format import ModelBundle, load_model
+from stream_classifier.model.int8 import Int8Body
 from stream_classifier.ops.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ CPU_PASS_COST_TOKENS = 128
 # A fast tokenizer mutates its truncation state on each call, so concurrent calls on one tokenizer
 # (runtimes may share a body) fail with 'Already borrowed': tokenisation is serialised.
 _TOKENIZER_LOCK = threading.Lock()
+# What the runtime calls to embed a chunk: the body itself, or its int8 export.
+Body = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -187,10 +189,10 @@ class ModelRuntime:
             "token_type_ids": int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
             "attention_mask": 0,
         }
-        self._body = self._place_body(bundle, quantize)
-        self._head = bundle.head.to_torch(self.device).eval()
         self._pin = self.device.type == "cuda"
         self._pass_cost_tokens = CPU_PASS_COST_TOKENS if self.device.type == "cpu" else None
+        self._body = self._place_body(bundle, quantize)
+        self._head = bundle.head.to_torch(self.device).eval()
 
     @classmethod
     def load(
@@ -225,22 +227,19 @@ class ModelRuntime:
         )
         return runtime
 
-    def _place_body(self, bundle: ModelBundle, quantize: str) -> torch.nn.Module:
+    def _place_body(self, bundle: ModelBundle, quantize: str) -> Body:
         body = bundle.body.eval()
         if quantize == "none":
-            return body.to(self.device)
+            placed: Body = body.to(self.device)
+            return placed
         if quantize != "int8":
             raise ModelError(f"unknown quantize mode {quantize!r}: use none or int8")
         if self.device.type != "cpu":
             raise ModelError("int8 quantisation is CPU only: use device=cpu, or fp16/bf16 on CUDA")
         if self.precision != "fp32":
             raise ModelError("int8 quantisation computes in fp32 around int8 weights: use precision fp32")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # deprecated in favour of torchao, still works
-            quantised: torch.nn.Module = quantize_dynamic(  # type: ignore[no-untyped-call]
-                body.cpu(), {torch.nn.Linear}, dtype=torch.qint8
-            )
-        return quantised
+        sample = self.prepare(["an int8 export sample", "a second, longer sample for the export"])
+        return Int8Body.from_body(body, sample.chunks[0].features, threads=torch.get_num_threads())
 
     # ------------------------------------------------------------------ properties
 
