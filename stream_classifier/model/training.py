@@ -70,7 +70,10 @@ class TrainingConfig(BaseModel):
     num_iterations: int | None = Field(default=40, ge=1)
     body_learning_rate: float = Field(default=2e-5, gt=0)
     warmup_proportion: float = Field(default=0.153, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
+    # setfit's l2_weight; as in the transformers Trainer that setfit drives, biases and
+    # LayerNorm weights are not decayed, and the gradient norm is clipped at max_grad_norm.
+    weight_decay: float = Field(default=0.01, ge=0)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
     # Truncation for body training only (inference uses the model's own maximum).
     max_seq_length: int | None = Field(default=None, ge=8)
@@ -223,6 +226,22 @@ def _linear_warmup_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _decay_groups(body: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on weights, none on biases and LayerNorm weights."""
+    no_decay = {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in body.named_modules()
+        if isinstance(module, torch.nn.LayerNorm)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    decay: list[torch.nn.Parameter] = []
+    plain: list[torch.nn.Parameter] = []
+    for name, parameter in body.named_parameters():
+        if parameter.requires_grad:
+            (plain if name in no_decay or name.endswith("bias") else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
 def fine_tune_body(
     body: SentenceTransformer, examples: Sequence[Example], config: TrainingConfig, device: torch.device
 ) -> dict[str, Any]:
@@ -240,9 +259,7 @@ def fine_tune_body(
     body_max = int(body.max_seq_length or 512)
     max_length = min(config.max_seq_length or body_max, body_max)
     body.to(device).train()
-    optimizer = torch.optim.AdamW(
-        body.parameters(), lr=config.body_learning_rate, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.AdamW(_decay_groups(body, config.weight_decay), lr=config.body_learning_rate)
     warmup_steps = math.ceil(total_steps * config.warmup_proportion)
     scheduler = _linear_warmup_schedule(optimizer, warmup_steps, total_steps)
     amp = config.use_amp and device.type == "cuda"
@@ -264,6 +281,9 @@ def fine_tune_body(
                     loss = pair_loss(similarity, target, config)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+                if config.max_grad_norm is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    torch.nn.utils.clip_grad_norm_(body.parameters(), config.max_grad_norm)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()

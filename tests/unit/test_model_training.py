@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ from stream_classifier.model.format import load_model
 from stream_classifier.model.training import (
     ContrastivePairs,
     TrainingConfig,
+    _decay_groups,
     _linear_warmup_schedule,
     _unrank_triangle,
+    fine_tune_body,
     fit_head,
     pair_loss,
     train_model,
@@ -126,6 +129,47 @@ def test_default_config_is_the_model_card() -> None:
     assert (config.batch_size, config.epochs, config.num_iterations) == (16, 3, 40)
     assert (config.sampling_strategy, config.body_learning_rate, config.seed) == ("oversampling", 2e-5, 42)
     assert (config.warmup_proportion, config.loss, config.use_amp) == (0.153, "cosine", True)
+    # setfit's l2_weight default, and the transformers Trainer's max_grad_norm that setfit keeps
+    assert (config.weight_decay, config.max_grad_norm) == (0.01, 1.0)
+
+
+def test_weight_decay_spares_biases_and_layer_norms_as_the_transformers_trainer_does(
+    tiny_model_dir: Path,
+) -> None:
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    body = load_model(tiny_model_dir).body
+    decay, plain = _decay_groups(body, 0.01)
+    assert (decay["weight_decay"], plain["weight_decay"]) == (0.01, 0.0)
+    names = {id(parameter): name for name, parameter in body.named_parameters()}
+    # The Trainer's own rule (Trainer.get_decay_parameter_names, transformers 5.x).
+    patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    expected = set(get_parameter_names(body, [torch.nn.LayerNorm], patterns))
+    assert {names[id(p)] for p in decay["params"]} == expected
+    assert len(decay["params"]) + len(plain["params"]) == len(names)
+    assert plain["params"]  # the tiny BERT has biases and LayerNorms
+
+
+def test_gradient_norm_is_clipped_before_the_optimiser_step(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def step(self: torch.optim.AdamW, *args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad.norm() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    for clip in (None, 1e-3):
+        config = TrainingConfig(
+            num_iterations=1, max_steps=1, batch_size=8, max_grad_norm=clip, show_progress_bar=False
+        )
+        fine_tune_body(load_model(tiny_model_dir).body, TRAIN_EXAMPLES, config, torch.device("cpu"))
+    unclipped, clipped = seen
+    assert unclipped > 1e-2
+    assert clipped == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_retraining_with_a_grown_label_set(tiny_model_dir: Path) -> None:
