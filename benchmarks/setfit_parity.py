@@ -71,6 +71,9 @@ def _run_ours(base: str, run: dict[str, Any]) -> dict[str, Any]:
     body = _BODIES[base]
 
     hp = run["hyperparameters"]
+    # As on the setfit side: the body's maximum length applies to body training, the head's
+    # embeddings and inference alike (train_model copies the body with it).
+    body.max_seq_length = hp["max_seq_length"]
     config = TrainingConfig(
         batch_size=hp["batch_size"],
         epochs=hp["epochs"],
