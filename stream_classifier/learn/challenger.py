@@ -54,7 +54,10 @@ class JobSpec:
     version: str
     device: str = "cpu"
     precision: str = "auto"
-    max_seq_length: int = 64
+    # The serving truncation (model.max_seq_length; None = the body's own): head-mode
+    # embeddings and the gate's scores are computed as the service will compute them. Body
+    # training has its own, shorter truncation in ``training``.
+    max_seq_length: int | None = None
     torch_threads: int = 1
     nice: int = 10
     max_memory_mb: int | None = None

@@ -114,6 +114,30 @@ def merge_training_set(snapshot: FeedbackSnapshot, kept: list[Example]) -> list[
     return merged
 
 
+def job_spec(settings: Settings, champion_dir: Path, cache_dir: Path) -> JobSpec:
+    """The challenger job for ``settings``.
+
+    The body trains at ``retrain.train_max_seq_length``; head-mode embeddings and the gate's
+    scores use ``model.max_seq_length``, the truncation the service serves with.
+    """
+    retrain, model = settings.retrain, settings.model
+    return JobSpec(
+        mode=retrain.mode,
+        champion_dir=str(champion_dir),
+        version=new_version_id(),
+        device=model.device,
+        precision=model.precision,
+        max_seq_length=model.max_seq_length,
+        torch_threads=retrain.torch_threads,
+        nice=retrain.nice,
+        max_memory_mb=retrain.max_memory_mb,
+        cache_dir=str(cache_dir),
+        max_examples_per_label=settings.feedback.max_examples_per_label,
+        seed=retrain.seed,
+        training=training_options(retrain),
+    )
+
+
 def training_options(retrain: RetrainSettings) -> dict[str, Any]:
     """The :class:`~stream_classifier.model.training.TrainingConfig` fields ``retrain.*`` sets.
 
@@ -343,22 +367,7 @@ class Retrainer:
         trusted: list[Example],
     ) -> JobResult:
         """Train and score the challenger in a throttled child process."""
-        retrain, model = self._settings.retrain, self._settings.model
-        spec = JobSpec(
-            mode=retrain.mode,
-            champion_dir=str(self._store.path_of(record.champion)),
-            version=new_version_id(),
-            device=model.device,
-            precision=model.precision,
-            max_seq_length=retrain.train_max_seq_length,
-            torch_threads=retrain.torch_threads,
-            nice=retrain.nice,
-            max_memory_mb=retrain.max_memory_mb,
-            cache_dir=str(self._store.root / "cache"),
-            max_examples_per_label=self._settings.feedback.max_examples_per_label,
-            seed=retrain.seed,
-            training=training_options(retrain),
-        )
+        spec = job_spec(self._settings, self._store.path_of(record.champion), self._store.root / "cache")
         (work / "job.json").write_text(json.dumps(asdict(spec)), encoding="utf-8")
         write_examples(work / "train.jsonl", train)
         write_examples(work / "holdout.jsonl", holdout)
