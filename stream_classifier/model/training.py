@@ -259,7 +259,13 @@ def fine_tune_body(
     body_max = int(body.max_seq_length or 512)
     max_length = min(config.max_seq_length or body_max, body_max)
     body.to(device).train()
-    optimizer = torch.optim.AdamW(_decay_groups(body, config.weight_decay), lr=config.body_learning_rate)
+    # The fused kernel (what the transformers Trainer under setfit picks) is ~6x faster per
+    # step than the default on the CPU, where the optimiser step is a large part of a step.
+    optimizer = torch.optim.AdamW(
+        _decay_groups(body, config.weight_decay),
+        lr=config.body_learning_rate,
+        fused=device.type in {"cpu", "cuda"},
+    )
     warmup_steps = math.ceil(total_steps * config.warmup_proportion)
     scheduler = _linear_warmup_schedule(optimizer, warmup_steps, total_steps)
     amp = config.use_amp and device.type == "cuda"
