@@ -12,8 +12,8 @@ Invariants:
   the int8 tolerance that tests/unit/test_model_runtime.py pins;
 - :class:`Int8Body` is a drop-in for the body in :class:`~stream_classifier.model.runtime.ModelRuntime`:
   it takes the runtime's padded int64 features and returns ``{"sentence_embedding": float32}``;
-- the body's attention implementation is switched to ``eager`` only for the export (ONNX
-  Runtime recognises that graph) and restored afterwards.
+- the body is left as it was found: in eval mode, with its attention implementation (switched
+  to ``eager`` only for the export, the graph ONNX Runtime recognises) restored.
 """
 
 from __future__ import annotations
@@ -102,7 +102,9 @@ class Int8Body:
             with _eager_attention(body), warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # tracer warnings about Python control flow
                 torch.onnx.export(
-                    _SentenceEmbedding(body.cpu().eval(), names),
+                    # In eval mode: the exporter restores the wrapper's mode afterwards, and
+                    # a wrapper in (default) training mode would leave the body in it.
+                    _SentenceEmbedding(body.cpu(), names).eval(),
                     tuple(sample[name] for name in names),
                     str(exported),
                     input_names=names,

@@ -173,7 +173,8 @@ def test_int8_mode_stays_within_tolerance(minilm_model_dir: Path, minilm_fp32: n
     got = runtime.predict_proba(TEXTS)
     assert np.abs(got - minilm_fp32).max() <= INT8_TOLERANCE
     assert np.abs(got - minilm_fp32).max() > 0  # int8 weights, not the fp32 body
-    # The export borrowed the body (eager attention): the same bundle still serves fp32 as before.
+    # The export borrowed the body (eager attention, eval mode): it is left as it was found.
+    assert not any(module.training for module in runtime.bundle.body.modules())
     fp32 = ModelRuntime(runtime.bundle, device="cpu", precision="fp32")
     np.testing.assert_allclose(fp32.predict_proba(TEXTS), minilm_fp32, atol=1e-6)
 
