@@ -30,46 +30,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from onnx import TensorProto  # noqa: E402
 from onnxruntime import InferenceSession, SessionOptions  # noqa: E402
-from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: E402
 from onnxruntime.transformers import optimizer  # noqa: E402
 
 from stream_classifier.bench import bench_texts  # noqa: E402
 from stream_classifier.demo import _offline_minilm, sample_examples  # noqa: E402
-from stream_classifier.model.int8 import ONNX_OPSET, Int8Body, _eager_attention, _SentenceEmbedding  # noqa: E402
+from stream_classifier.model.int8 import Int8Body, export_body, quantise  # noqa: E402
 from stream_classifier.model.runtime import ModelRuntime  # noqa: E402
 from stream_classifier.model.training import TrainingConfig, train_model  # noqa: E402
-
-
-def _export(runtime: ModelRuntime, sample: dict[str, torch.Tensor], path: Path) -> None:
-    names = list(sample)
-    body = runtime.bundle.body
-    with _eager_attention(body), torch.no_grad():
-        torch.onnx.export(
-            _SentenceEmbedding(body, names).eval(),
-            tuple(sample[n] for n in names),
-            str(path),
-            input_names=names,
-            output_names=["sentence_embedding"],
-            dynamic_axes={
-                **{n: {0: "batch", 1: "tokens"} for n in names},
-                "sentence_embedding": {0: "batch"},
-            },
-            opset_version=ONNX_OPSET,
-            dynamo=False,
-        )
-
-
-def _quantise(source: Path, target: Path, per_channel: bool) -> Path:
-    quantize_dynamic(
-        source,
-        target,
-        weight_type=QuantType.QInt8,
-        per_channel=per_channel,
-        extra_options={"DefaultTensorType": TensorProto.FLOAT},
-    )
-    return target
 
 
 def main() -> None:
@@ -93,7 +61,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        _export(runtime, chunks[0].features, work / "fp32.onnx")
+        export_body(body, chunks[0].features, work / "fp32.onnx")
         shape = body[0].auto_model.config
         fused = optimizer.optimize_model(
             str(work / "fp32.onnx"),
@@ -103,14 +71,15 @@ def main() -> None:
         )
         fused.save_model_to_file(str(work / "fused.onnx"))
         print("fused operators:", {k: v for k, v in fused.get_fused_operator_statistics().items() if v})
+        quantise(work / "fp32.onnx", work / "int8.onnx", per_channel=False)
+        quantise(work / "fused.onnx", work / "fused8.onnx", per_channel=False)
+        quantise(work / "fused.onnx", work / "fused8pc.onnx")
         files = {
             "ONNX Runtime fp32": work / "fp32.onnx",
-            "ONNX Runtime int8, per-tensor": _quantise(work / "fp32.onnx", work / "int8.onnx", False),
+            "ONNX Runtime int8, per-tensor": work / "int8.onnx",
             "ONNX Runtime fp32, fused graph": work / "fused.onnx",
-            "ONNX Runtime int8, fused graph": _quantise(work / "fused.onnx", work / "fused8.onnx", False),
-            "ONNX Runtime int8, fused graph, per-channel": _quantise(
-                work / "fused.onnx", work / "fused8pc.onnx", True
-            ),
+            "ONNX Runtime int8, fused graph": work / "fused8.onnx",
+            "ONNX Runtime int8, fused graph, per-channel": work / "fused8pc.onnx",
         }
         options = SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()

@@ -79,6 +79,42 @@ def _without_preprocessing_advice() -> Iterator[None]:
         root.removeFilter(advice)
 
 
+def export_body(body: SentenceTransformer, sample: dict[str, torch.Tensor], path: Path) -> None:
+    """Write ``body`` to ``path`` as ONNX with ``sample``'s inputs (any batch and length);
+    the body is left as it was found (see the module docstring)."""
+    names = list(sample)
+    axes = {name: {0: "batch", 1: "tokens"} for name in names}
+    with _eager_attention(body), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow
+        torch.onnx.export(
+            # In eval mode: the exporter restores the wrapper's mode afterwards, and a
+            # wrapper in (default) training mode would leave the body in it.
+            _SentenceEmbedding(body, names).eval(),
+            tuple(sample[name] for name in names),
+            str(path),
+            input_names=names,
+            output_names=["sentence_embedding"],
+            dynamic_axes={**axes, "sentence_embedding": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+
+
+def quantise(source: Path, target: Path, *, per_channel: bool = True) -> None:
+    """Dynamic int8 quantisation of the ONNX model at ``source`` into ``target``."""
+    from onnx import TensorProto  # noqa: PLC0415 - optional extra [int8]
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+
+    with _without_preprocessing_advice():
+        quantize_dynamic(
+            source,
+            target,
+            weight_type=QuantType.QInt8,
+            per_channel=per_channel,
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+
+
 class Int8Body:
     """An ONNX Runtime session computing the body's sentence embeddings with int8 weights."""
 
@@ -90,44 +126,21 @@ class Int8Body:
     def from_body(cls, body: SentenceTransformer, sample: dict[str, torch.Tensor], threads: int) -> Int8Body:
         """Export ``body`` with ``sample``'s inputs (any batch and length), quantise, load."""
         try:
-            import onnxruntime  # noqa: PLC0415 - optional extra [int8]
-            from onnx import TensorProto  # noqa: PLC0415
-            from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+            import onnx  # noqa: F401, PLC0415 - optional extra [int8]
+            import onnxruntime  # noqa: PLC0415
         except ImportError:
             raise ModelError(INSTALL_HINT) from None
-        names = list(sample)
-        axes = {name: {0: "batch", 1: "tokens"} for name in names}
         with tempfile.TemporaryDirectory(prefix="stream-classifier-int8-") as tmp:
             exported, quantised = Path(tmp) / "body.onnx", Path(tmp) / "body.int8.onnx"
-            with _eager_attention(body), warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")  # tracer warnings about Python control flow
-                torch.onnx.export(
-                    # In eval mode: the exporter restores the wrapper's mode afterwards, and
-                    # a wrapper in (default) training mode would leave the body in it.
-                    _SentenceEmbedding(body.cpu(), names).eval(),
-                    tuple(sample[name] for name in names),
-                    str(exported),
-                    input_names=names,
-                    output_names=["sentence_embedding"],
-                    dynamic_axes={**axes, "sentence_embedding": {0: "batch"}},
-                    opset_version=ONNX_OPSET,
-                    dynamo=False,
-                )
-            with _without_preprocessing_advice():
-                quantize_dynamic(
-                    exported,
-                    quantised,
-                    weight_type=QuantType.QInt8,
-                    per_channel=True,
-                    extra_options={"DefaultTensorType": TensorProto.FLOAT},
-                )
+            export_body(body.cpu(), sample, exported)
+            quantise(exported, quantised)
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             session = onnxruntime.InferenceSession(
                 str(quantised), options, providers=["CPUExecutionProvider"]
             )
-        return cls(session, names)
+        return cls(session, list(sample))
 
     def __call__(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feeds = {name: features[name].numpy() for name in self._names}
