@@ -10,8 +10,8 @@ Invariants:
 - weights are quantised to int8 per output channel, activations dynamically per tensor; the
   sentence embeddings are the body's own (pooling and normalisation modules included) within
   the int8 tolerance that tests/unit/test_model_runtime.py pins;
-- :class:`Int8Body` is a drop-in for the body in :class:`~stream_classifier.model.runtime.ModelRuntime`:
-  it takes the runtime's padded int64 features and returns ``{"sentence_embedding": float32}``;
+- :class:`Int8Body` takes the runtime's padded int64 features and returns the body's
+  ``sentence_embedding`` as a float32 numpy array (the runtime's int8 path stays off torch);
 - the body is left as it was found: in eval mode, with its attention implementation (switched
   to ``eager`` only for the export, the graph ONNX Runtime recognises) restored.
 """
@@ -26,7 +26,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from sentence_transformers import SentenceTransformer
 
 from stream_classifier.errors import ModelError
@@ -142,7 +144,8 @@ class Int8Body:
             )
         return cls(session, list(sample))
 
-    def __call__(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: dict[str, torch.Tensor]) -> NDArray[np.float32]:
         feeds = {name: features[name].numpy() for name in self._names}
         (embeddings,) = self._session.run(["sentence_embedding"], feeds)
-        return {"sentence_embedding": torch.from_numpy(embeddings)}
+        result: NDArray[np.float32] = embeddings
+        return result

@@ -21,8 +21,10 @@ Invariants:
 - precision ``auto`` is fp16 autocast on CUDA and fp32 on the CPU; ``bf16`` needs bf16
   support on the chosen CUDA device (always available on the CPU);
 - ``quantize="int8"`` (CPU only, fp32 around int8 weights) replaces the body by its ONNX
-  Runtime int8 export (:mod:`stream_classifier.model.int8`); tokenising, chunking and the
-  head are unchanged.
+  Runtime int8 export (:mod:`stream_classifier.model.int8`); tokenising and chunking are
+  unchanged, and the head computes in numpy (:meth:`LinearHead.predict_proba`): no torch
+  operator runs per chunk, so torch's idle intra-op workers never spin on the cores ONNX
+  Runtime's own threads use (a torch head cost int8 mode ~16 % on 2 cores, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -50,16 +52,18 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp32", "fp16", "bf16"]
 _AUTOCAST_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_TOKEN_BUDGET = 16_384
-# The fixed cost of one forward pass on the CPU, in tokens' worth of compute. Texts of mixed
-# lengths padded to their longest row cost ~2.5x their real tokens at batch 128 (the bench's
-# texts), ~1.3x with this split. On CUDA a pass (its kernel launches) is the larger cost, so
-# only the token budget splits there.
-CPU_PASS_COST_TOKENS = 128
+# The fixed cost of one forward pass on the CPU, in tokens' worth of compute: the padding a
+# chunk may add before a new pass is cheaper. Swept on the bench's texts (BENCHMARKS.md,
+# "Padding"): 32 was fastest at batches 64 and 128 for torch fp32 and int8 alike (16-64
+# within noise, 128 ~10-15 % slower). On CUDA a pass (its kernel launches) is the larger
+# cost, so only the token budget splits there.
+CPU_PASS_COST_TOKENS = 32
 # A fast tokenizer mutates its truncation state on each call, so concurrent calls on one tokenizer
 # (runtimes may share a body) fail with 'Already borrowed': tokenisation is serialised.
 _TOKENIZER_LOCK = threading.Lock()
-# What the runtime calls to embed a chunk: the body itself, or its int8 export.
-Body = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+# What the runtime computes per chunk: padded features in, float32 rows (embeddings or
+# probabilities) out, on the host.
+ChunkCompute = Callable[[dict[str, torch.Tensor]], NDArray[np.float32]]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -191,8 +195,7 @@ class ModelRuntime:
         }
         self._pin = self.device.type == "cuda"
         self._pass_cost_tokens = CPU_PASS_COST_TOKENS if self.device.type == "cpu" else None
-        self._body = self._place_body(bundle, quantize)
-        self._head = bundle.head.to_torch(self.device).eval()
+        self._embed, self._classify = self._place(bundle, quantize)
 
     @classmethod
     def load(
@@ -227,11 +230,10 @@ class ModelRuntime:
         )
         return runtime
 
-    def _place_body(self, bundle: ModelBundle, quantize: str) -> Body:
-        body = bundle.body.eval()
+    def _place(self, bundle: ModelBundle, quantize: str) -> tuple[ChunkCompute, ChunkCompute]:
+        """The per-chunk embedding and probability computations for ``quantize``."""
         if quantize == "none":
-            placed: Body = body.to(self.device)
-            return placed
+            return self._place_torch(bundle)
         if quantize != "int8":
             raise ModelError(f"unknown quantize mode {quantize!r}: use none or int8")
         if self.device.type != "cpu":
@@ -239,7 +241,42 @@ class ModelRuntime:
         if self.precision != "fp32":
             raise ModelError("int8 quantisation computes in fp32 around int8 weights: use precision fp32")
         sample = self.prepare(["an int8 export sample", "a second, longer sample for the export"])
-        return Int8Body.from_body(body, sample.chunks[0].features, threads=torch.get_num_threads())
+        threads = torch.get_num_threads()
+        body = Int8Body.from_body(bundle.body.eval(), sample.chunks[0].features, threads=threads)
+        normalize, head = bundle.normalize_embeddings, bundle.head
+
+        def embed(features: dict[str, torch.Tensor]) -> NDArray[np.float32]:
+            embeddings = body(features)
+            if normalize:  # as torch.nn.functional.normalize: x / max(||x||, 1e-12)
+                norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+                embeddings = embeddings / np.maximum(norms, 1e-12)
+            return embeddings
+
+        def classify(features: dict[str, torch.Tensor]) -> NDArray[np.float32]:
+            return head.predict_proba(embed(features)).astype(np.float32)
+
+        return embed, classify
+
+    def _place_torch(self, bundle: ModelBundle) -> tuple[ChunkCompute, ChunkCompute]:
+        body = bundle.body.eval().to(self.device)
+        head = bundle.head.to_torch(self.device).eval()
+
+        def embed_on_device(features: dict[str, torch.Tensor]) -> torch.Tensor:
+            on_device = {key: value.to(self.device, non_blocking=True) for key, value in features.items()}
+            with self._autocast():
+                embeddings: torch.Tensor = body(on_device)["sentence_embedding"]
+            embeddings = embeddings.float()
+            if bundle.normalize_embeddings:
+                embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
+            return embeddings
+
+        def embed(features: dict[str, torch.Tensor]) -> NDArray[np.float32]:
+            return _host(embed_on_device(features))
+
+        def classify(features: dict[str, torch.Tensor]) -> NDArray[np.float32]:
+            return _host(head(embed_on_device(features)))
+
+        return embed, classify
 
     # ------------------------------------------------------------------ properties
 
@@ -286,7 +323,7 @@ class ModelRuntime:
 
     def infer(self, prepared: PreparedBatch) -> NDArray[np.float32]:
         """``(n, k)`` float32 probabilities in input order."""
-        return self._run(prepared, self._probabilities, len(self.labels))
+        return self._run(prepared, self._classify, len(self.labels))
 
     def predict_proba(self, texts: Sequence[str]) -> NDArray[np.float32]:
         return self.infer(self.prepare(texts))
@@ -297,7 +334,7 @@ class ModelRuntime:
 
     def embed(self, texts: Sequence[str]) -> NDArray[np.float32]:
         """Sentence embeddings ``(n, d)`` as the head sees them (normalised if the model says so)."""
-        return self._run(self.prepare(texts), self._embeddings, self.bundle.head.dim)
+        return self._run(self.prepare(texts), self._embed, self.bundle.head.dim)
 
     def warmup(self) -> None:
         """One small forward pass of short and long texts (allocators, kernels, autotuning)."""
@@ -308,23 +345,10 @@ class ModelRuntime:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
 
-    def _embeddings(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        on_device = {key: value.to(self.device, non_blocking=True) for key, value in features.items()}
-        with self._autocast():
-            embeddings: torch.Tensor = self._body(on_device)["sentence_embedding"]
-        embeddings = embeddings.float()
-        if self.bundle.normalize_embeddings:
-            embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
-        return embeddings
-
-    def _probabilities(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        result: torch.Tensor = self._head(self._embeddings(features))
-        return result
-
     def _run(
         self,
         prepared: PreparedBatch,
-        compute: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        compute: ChunkCompute,
         width: int,
     ) -> NDArray[np.float32]:
         output = np.empty((prepared.size, width), dtype=np.float32)
@@ -335,10 +359,10 @@ class ModelRuntime:
         return output
 
     def _compute_splitting(
-        self, chunk: Chunk, compute: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+        self, chunk: Chunk, compute: ChunkCompute
     ) -> Iterator[tuple[Chunk, NDArray[np.float32]]]:
         try:
-            values = compute(chunk.features).float().cpu().numpy()
+            values = compute(chunk.features)
         except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in torch >= 2.5
             if len(chunk.positions) == 1:
                 raise
@@ -350,3 +374,8 @@ class ModelRuntime:
                 yield from self._compute_splitting(half, compute)
             return
         yield chunk, values
+
+
+def _host(values: torch.Tensor) -> NDArray[np.float32]:
+    result: NDArray[np.float32] = values.float().cpu().numpy()
+    return result

@@ -8,6 +8,7 @@ probabilities stay within ``AMP_TOLERANCE`` (absolute) of fp32; int8 mode within
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,7 +20,6 @@ from hypothesis import strategies as st
 
 from stream_classifier.errors import ModelError
 from stream_classifier.model.format import load_model
-from stream_classifier.model.int8 import Int8Body
 from stream_classifier.model.runtime import ModelRuntime, plan_chunks, resolve_device, resolve_precision
 from tests.fixtures.models import TRAIN_EXAMPLES
 
@@ -97,17 +97,17 @@ def test_cuda_oom_splits_the_batch_and_retries(
 ) -> None:
     expected = tiny_runtime.predict_proba(TEXTS)
     widest_chunk = max(len(chunk.positions) for chunk in tiny_runtime.prepare(TEXTS).chunks)
-    real = tiny_runtime._probabilities
+    real = tiny_runtime._classify
     calls: list[int] = []
 
-    def oom_above_two_rows(features: dict[str, torch.Tensor]) -> torch.Tensor:
+    def oom_above_two_rows(features: dict[str, torch.Tensor]) -> np.ndarray:
         rows = features["input_ids"].shape[0]
         calls.append(rows)
         if rows > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return real(features)
 
-    monkeypatch.setattr(tiny_runtime, "_probabilities", oom_above_two_rows)
+    monkeypatch.setattr(tiny_runtime, "_classify", oom_above_two_rows)
     np.testing.assert_allclose(tiny_runtime.predict_proba(TEXTS), expected, atol=1e-6)
     assert widest_chunk > 2 and max(calls) == widest_chunk  # each chunk was tried whole first
     assert sum(rows for rows in calls if rows <= 2) == len(TEXTS)  # and every text was done once
@@ -116,10 +116,10 @@ def test_cuda_oom_splits_the_batch_and_retries(
 def test_oom_on_a_single_text_is_raised_not_swallowed(
     tiny_runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def always_oom(features: dict[str, torch.Tensor]) -> torch.Tensor:
+    def always_oom(features: dict[str, torch.Tensor]) -> np.ndarray:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(tiny_runtime, "_probabilities", always_oom)
+    monkeypatch.setattr(tiny_runtime, "_classify", always_oom)
     with pytest.raises(torch.cuda.OutOfMemoryError):
         tiny_runtime.predict_proba(["a", "b", "c"])
 
@@ -169,14 +169,26 @@ def test_amp_on_cpu_stays_within_tolerance(
 
 def test_int8_mode_stays_within_tolerance(minilm_model_dir: Path, minilm_fp32: np.ndarray) -> None:
     runtime = ModelRuntime.load(minilm_model_dir, device="cpu", quantize="int8")
-    assert isinstance(runtime._body, Int8Body)
     got = runtime.predict_proba(TEXTS)
+    assert got.dtype == np.float32
     assert np.abs(got - minilm_fp32).max() <= INT8_TOLERANCE
     assert np.abs(got - minilm_fp32).max() > 0  # int8 weights, not the fp32 body
     # The export borrowed the body (eager attention, eval mode): it is left as it was found.
     assert not any(module.training for module in runtime.bundle.body.modules())
     fp32 = ModelRuntime(runtime.bundle, device="cpu", precision="fp32")
     np.testing.assert_allclose(fp32.predict_proba(TEXTS), minilm_fp32, atol=1e-6)
+
+
+def test_int8_mode_normalises_embeddings_when_the_model_says_so(tiny_model_dir: Path) -> None:
+    bundle = dataclasses.replace(load_model(tiny_model_dir), normalize_embeddings=True)
+    int8 = ModelRuntime(bundle, device="cpu", quantize="int8")
+    fp32 = ModelRuntime(bundle, device="cpu", precision="fp32")
+    got, want = int8.embed(TEXTS), fp32.embed(TEXTS)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert 0 < np.abs(got - want).max() <= INT8_TOLERANCE
+    # The head sees exactly these embeddings.
+    np.testing.assert_allclose(int8.predict_proba(TEXTS), bundle.head.predict_proba(got), atol=1e-6)
 
 
 def test_int8_mode_without_onnxruntime_says_what_to_install(
