@@ -14,7 +14,8 @@ Two steps, so that the caller can overlap them:
 
 Invariants:
 
-- body and head live on one device; the head always computes in float32;
+- body and head live on one device; the head computes in float32 whatever the body's
+  precision (float64 in int8 mode's numpy head);
 - CUDA out-of-memory on a chunk is the batch's size, not the messages' fault: the chunk is
   halved and retried (recursively) after emptying the cache; only a single text that does
   not fit re-raises ``torch.cuda.OutOfMemoryError`` (a capacity problem, never a bad message);
