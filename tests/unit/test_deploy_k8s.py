@@ -346,11 +346,17 @@ def test_gpu_build_validates() -> None:
 
 
 @needs_kubectl
-def test_cpu_overlay_drops_the_gpu() -> None:
+def test_cpu_overlay_drops_the_gpu_and_matches_torch_threads_to_the_cpu_request() -> None:
     rendered = kustomize(CPU_OVERLAY)
     validate_builtin(rendered)
     assert "nvidia.com/gpu" not in yaml.safe_dump_all(rendered)
     for name in ("stream-classifier", "stream-classifier-trainer"):
         deployment = find(rendered, "Deployment", name)
         assert "tolerations" not in deployment["spec"]["template"]["spec"]
-        assert container(deployment)["image"].endswith(":0.1.0-cpu")
+        c = container(deployment)
+        assert c["image"].endswith(":0.1.0-cpu")
+        # torch's threads = the CPU request (not the node's cores); the base env is kept.
+        env = {e["name"]: e["value"] for e in c.get("env", [])}
+        assert env["OMP_NUM_THREADS"] == c["resources"]["requests"]["cpu"]
+        if name == "stream-classifier-trainer":
+            assert env["STREAM_CLASSIFIER_RETRAIN__ENABLED"] == "true"
