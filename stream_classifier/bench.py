@@ -60,7 +60,7 @@ from stream_classifier.model.runtime import ModelRuntime, resolve_device
 from stream_classifier.model.training import TrainingConfig, train_model
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics
-from stream_classifier.stream.kafka_io import make_transport
+from stream_classifier.stream.kafka_io import crc32c_implementation, make_transport
 from stream_classifier.stream.service import StreamService
 
 try:
@@ -554,6 +554,7 @@ def _machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "kafka_python_crc32c": crc32c_implementation(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

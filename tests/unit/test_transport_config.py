@@ -98,3 +98,10 @@ def test_the_transport_setting_picks_the_client() -> None:
     assert isinstance(
         kafka_io.make_transport(KafkaSettings(transport="confluent")), confluent_io.ConfluentTransport
     )
+
+
+def test_kafka_python_checksums_in_c_with_the_fast_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The dev install includes [fast], which brings the crc32c package kafka-python looks for.
+    assert kafka_io.crc32c_implementation() == "c"
+    monkeypatch.setattr(kafka_io.kafka_record_util, "crc32c_c", None)  # as without the package
+    assert kafka_io.crc32c_implementation() == "python"
