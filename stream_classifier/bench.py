@@ -56,7 +56,7 @@ from stream_classifier.config import Settings
 from stream_classifier.demo import _offline_minilm, sample_examples
 from stream_classifier.errors import ConfigError
 from stream_classifier.model.format import save_model
-from stream_classifier.model.runtime import ModelRuntime, resolve_device
+from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread, resolve_device
 from stream_classifier.model.training import TrainingConfig, train_model
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics
@@ -568,7 +568,9 @@ def _timed(
     out.flush()
     started = time.monotonic()
     try:
-        value = fn()
+        # Each stage's torch work on its own passing thread, so that the pipeline's serving
+        # thread is the only CPU pool while it runs, as in `serve` (on_a_passing_thread).
+        value = on_a_passing_thread(fn)
     except Exception as exc:
         logger.exception("bench stage %s failed", name)
         value = {"failed": f"{type(exc).__name__}: {exc}"}
@@ -594,9 +596,14 @@ def run_bench(options: BenchOptions, out: TextIO) -> Results:
     variants = options.precisions or (("fp32", "fp16", "bf16") if on_gpu else ("fp32", "int8"))
     results = Results(path=options.output)
     with tempfile.TemporaryDirectory(prefix="stream-classifier-bench-") as tmp:
-        model_dir, described = prepare_model(options, Path(tmp))
-        runtime = ModelRuntime.load(model_dir, device=device, precision=options.precision)
-        runtime.warmup()
+        model_dir, described = on_a_passing_thread(lambda: prepare_model(options, Path(tmp)))
+
+        def load() -> ModelRuntime:
+            loaded = ModelRuntime.load(model_dir, device=device, precision=options.precision)
+            loaded.warmup()
+            return loaded
+
+        runtime = on_a_passing_thread(load)
         texts = bench_texts(n, options.words)
         results.meta = {
             "command": " ".join(["stream-classifier", *sys.argv[1:]]) if sys.argv else "",

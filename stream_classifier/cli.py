@@ -130,8 +130,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from stream_classifier.config import load_settings
     from stream_classifier.learn.retrainer import Learning, start_learning
     from stream_classifier.learn.review import review_hook
-    from stream_classifier.learn.updates import resolve_serving_model
-    from stream_classifier.model.runtime import ModelRuntime
+    from stream_classifier.learn.updates import load_runtime, resolve_serving_model
     from stream_classifier.ops.health import HealthState
     from stream_classifier.ops.http import start_ops_server
     from stream_classifier.ops.logs import configure_logging
@@ -169,16 +168,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # learn (issue 4): model.path, or with a model store its current version.
         model_path = resolve_serving_model(settings)
         started = time.perf_counter()
-        runtime = ModelRuntime.load(
-            model_path,
-            device=settings.model.device,
-            precision=settings.model.precision,
-            token_budget=settings.batching.token_budget,
-            max_seq_length=settings.model.max_seq_length,
-            quantize=settings.model.quantize,
-            trusted=settings.model.trusted,
-        )
-        runtime.warmup()
+        runtime = load_runtime(settings, model_path)
         metrics.model_load_seconds.set(time.perf_counter() - started)
         service = StreamService(
             settings,

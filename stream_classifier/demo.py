@@ -41,7 +41,7 @@ from stream_classifier.config import Settings, load_settings
 from stream_classifier.errors import StreamClassifierError, TransportError
 from stream_classifier.model.examples import Example, read_examples
 from stream_classifier.model.format import ModelBundle
-from stream_classifier.model.runtime import ModelRuntime
+from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread
 from stream_classifier.model.training import TrainingConfig, train_model
 from stream_classifier.ops.http import start_ops_server
 from stream_classifier.ops.logs import log_event
@@ -401,8 +401,10 @@ def train_demo_model(preset: TrainingPreset, device: str) -> ModelBundle:
 
 def _model(options: DemoOptions, settings: Settings, console: Console) -> ModelRuntime:
     if options.model is not None:
-        runtime = ModelRuntime.load(
-            options.model, trusted=settings.model.trusted, **_runtime_options(settings)
+        # Torch work off the main thread: see on_a_passing_thread (the service serves here).
+        path, trusted = options.model, settings.model.trusted
+        runtime = on_a_passing_thread(
+            lambda: ModelRuntime.load(path, trusted=trusted, **_runtime_options(settings))
         )
         console.step("model", f"loaded {options.model}: version {runtime.version}")
         return runtime
@@ -413,7 +415,7 @@ def _model(options: DemoOptions, settings: Settings, console: Console) -> ModelR
         f"({preset.per_class} per class, {preset.num_iterations} pair iterations, {preset.epochs} epoch) ...",
     )
     started = time.monotonic()
-    bundle = train_demo_model(preset, settings.model.device)
+    bundle = on_a_passing_thread(lambda: train_demo_model(preset, settings.model.device))
     runtime = ModelRuntime(bundle, **_runtime_options(settings))
     console.step(
         "", f"trained in {time.monotonic() - started:.1f} s: version {runtime.version} on {runtime.device}"

@@ -26,7 +26,7 @@ from stream_classifier.errors import BrokerUnavailableError, ConfigError, Stream
 from stream_classifier.learn.store import ModelStore, VersionEntry
 from stream_classifier.learn.tail import TopicReader
 from stream_classifier.model.format import METADATA_FILE, ModelMetadata, load_model
-from stream_classifier.model.runtime import ModelRuntime
+from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.kafka_io import Producer
@@ -101,19 +101,25 @@ def resolve_serving_model(settings: Settings) -> Path:
 
 
 def load_runtime(settings: Settings, path: Path) -> ModelRuntime:
-    """A runtime for ``path`` with the serving settings, warmed up."""
+    """A runtime for ``path`` with the serving settings, warmed up on a passing thread (so
+    that the serving thread's CPU pool stays the process's only one: see
+    :func:`~stream_classifier.model.runtime.on_a_passing_thread`)."""
     m = settings.model
-    runtime = ModelRuntime.load(
-        path,
-        device=m.device,
-        precision=m.precision,
-        token_budget=settings.batching.token_budget,
-        max_seq_length=m.max_seq_length,
-        quantize=m.quantize,
-        trusted=m.trusted,
-    )
-    runtime.warmup()
-    return runtime
+
+    def load() -> ModelRuntime:
+        runtime = ModelRuntime.load(
+            path,
+            device=m.device,
+            precision=m.precision,
+            token_budget=settings.batching.token_budget,
+            max_seq_length=m.max_seq_length,
+            quantize=m.quantize,
+            trusted=m.trusted,
+        )
+        runtime.warmup()
+        return runtime
+
+    return on_a_passing_thread(load)
 
 
 class ModelSwapper:

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ CPU_PASS_COST_TOKENS = 32
 # A fast tokenizer mutates its truncation state on each call, so concurrent calls on one tokenizer
 # (runtimes may share a body) fail with 'Already borrowed': tokenisation is serialised.
 _TOKENIZER_LOCK = threading.Lock()
+_T = TypeVar("_T")
 # What the runtime computes per chunk: padded features in, float32 rows (embeddings or
 # probabilities) out, on the host.
 ChunkCompute = Callable[[dict[str, torch.Tensor]], NDArray[np.float32]]
@@ -161,6 +162,34 @@ def plan_chunks(
     if start < len(order):
         chunks.append(order[start:])
     return chunks
+
+
+def on_a_passing_thread(work: Callable[[], _T]) -> _T:
+    """Run ``work`` on a thread that ends with it; return its result or raise its error.
+
+    For torch work on the CPU outside the thread that serves (loading, warming, training a
+    model). OpenMP (torch's CPU pool) keeps a pool of workers for every thread that ever ran a
+    parallel operator, for as long as that thread lives, and libgomp cuts every pool's
+    spin-wait to almost nothing once their threads outnumber the CPUs: each operator then
+    wakes its workers through the kernel. With the model loaded on the main thread, the
+    serving thread ran ~10 % slower on 2 cores, the CPUs 10 % idle (BENCHMARKS.md); a
+    passing thread takes its pool with it.
+    """
+    outcome: list[_T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # re-raised on the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="torch-passing", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 class ModelRuntime:

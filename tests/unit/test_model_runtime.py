@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stream_classifier.config import Settings
 from stream_classifier.errors import ModelError
+from stream_classifier.learn.updates import load_runtime
 from stream_classifier.model.format import load_model
-from stream_classifier.model.runtime import ModelRuntime, plan_chunks, resolve_device, resolve_precision
+from stream_classifier.model.runtime import (
+    ModelRuntime,
+    on_a_passing_thread,
+    plan_chunks,
+    resolve_device,
+    resolve_precision,
+)
 from tests.fixtures.models import TRAIN_EXAMPLES
 
 AMP_TOLERANCE = 0.01
@@ -212,3 +221,38 @@ def test_gpu_precisions_stay_within_tolerance(
     tolerance = 1e-4 if precision == "fp32" else AMP_TOLERANCE
     assert np.abs(got - minilm_fp32).max() <= tolerance
     assert runtime.prepare(["x"]).chunks[0].features["input_ids"].is_pinned()
+
+
+def test_a_passing_thread_returns_the_result_or_raises_the_error_and_ends() -> None:
+    seen: list[threading.Thread] = []
+
+    def work() -> int:
+        seen.append(threading.current_thread())
+        return 42
+
+    assert on_a_passing_thread(work) == 42
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fail() -> None:
+        raise ModelError("broken model directory")
+
+    with pytest.raises(ModelError, match="broken model directory"):
+        on_a_passing_thread(fail)
+
+
+def test_serving_loads_and_warms_the_model_on_a_passing_thread(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The serving thread's CPU pool must stay the process's only one (on_a_passing_thread).
+    threads: list[threading.Thread] = []
+    real_warmup = ModelRuntime.warmup
+
+    def warmup(self: ModelRuntime) -> None:
+        threads.append(threading.current_thread())
+        real_warmup(self)
+
+    monkeypatch.setattr(ModelRuntime, "warmup", warmup)
+    settings = Settings(model={"device": "cpu", "precision": "fp32"})
+    runtime = load_runtime(settings, tiny_model_dir)
+    assert runtime.labels == ["billing", "shipping", "tech"]
+    assert threads and threads[0] is not threading.current_thread() and not threads[0].is_alive()
