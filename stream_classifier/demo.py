@@ -415,8 +415,9 @@ def _model(options: DemoOptions, settings: Settings, console: Console) -> ModelR
         f"({preset.per_class} per class, {preset.num_iterations} pair iterations, {preset.epochs} epoch) ...",
     )
     started = time.monotonic()
-    bundle = on_a_passing_thread(lambda: train_demo_model(preset, settings.model.device))
-    runtime = ModelRuntime(bundle, **_runtime_options(settings))
+    runtime = on_a_passing_thread(
+        lambda: ModelRuntime(train_demo_model(preset, settings.model.device), **_runtime_options(settings))
+    )
     console.step(
         "", f"trained in {time.monotonic() - started:.1f} s: version {runtime.version} on {runtime.device}"
     )
