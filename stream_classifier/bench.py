@@ -9,7 +9,8 @@ Stages (each is skipped with a note when it cannot run, never silently):
   throughput, max |p - p_fp32|, accuracy on the bundled eval sample;
 - ``pipeline``: a backlog of messages through the real broker and the real service
   (at-least-once), per transport; the rate counts published predictions from the first
-  one on (group join and warm-up excluded);
+  one on (group join and warm-up excluded); its ratio to bare is against the bare rate at
+  the same batch measured right before and after it (the VM drifts between stages);
 - ``naive``: consume one message, predict it, produce it, wait for the ack, commit; repeat;
 - ``setfit``: ``setfit`` ``predict_proba`` on the same model directory (in a subprocess
   with ``--setfit-python``, or in process when setfit is importable);
@@ -351,8 +352,20 @@ def _running(settings: Any, runtime: Any) -> Iterator[tuple[Any, Callable[[], fl
 
 
 def stage_pipeline(
-    bootstrap: str, runtime: Any, texts: Sequence[str], *, transport: str, batch: int, timeout_s: float
+    bootstrap: str,
+    runtime: Any,
+    texts: Sequence[str],
+    *,
+    transport: str,
+    batch: int,
+    timeout_s: float,
+    bare_rate: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
+    """Drain a backlog of ``texts`` through the service; with ``bare_rate``, the bare runtime's
+    rate is measured right before and right after the drain (``bare_before``/``bare_after``),
+    and the pipeline's ratio to bare is taken against their mean: the VM's drift over the
+    minutes between the bare stage and this one (±10 %) is larger than the gap measured."""
+    before = on_a_passing_thread(bare_rate) if bare_rate else None
     topics = _topics(bootstrap, partitions=4)
     n = len(texts)
     _produce_backlog(
@@ -379,6 +392,11 @@ def stage_pipeline(
     }
     if done < n:
         result["incomplete"] = f"stage time limit ({timeout_s:.0f} s) reached"
+    if bare_rate is not None and before is not None:
+        # Each on a thread of its own: the service's compute thread is then the only CPU pool
+        # while it drains (see on_a_passing_thread).
+        after = on_a_passing_thread(bare_rate)
+        result |= {"bare_before": round(before, 1), "bare_after": round(after, 1)}
     return result
 
 
@@ -655,6 +673,7 @@ def run_bench(options: BenchOptions, out: TextIO) -> Results:
                         transport=transport,
                         batch=batch,
                         timeout_s=options.stage_timeout_s,
+                        bare_rate=lambda: _rate(runtime, bench_sample, batch, min_s),
                     ),
                 )
             if "naive" in stages:
@@ -707,11 +726,14 @@ def ratios(stages: dict[str, Any]) -> dict[str, float]:
 
     found: dict[str, float] = {}
     bare, naive = rate("bare"), rate("naive")
-    for name in stages:
+    for name, stage in stages.items():
         if name.startswith("pipeline"):
             pipeline = rate(name)
-            if pipeline and bare:
-                found[f"{name}/bare"] = round(pipeline / bare, 3)
+            # Against the bare rate measured around this stage when it was (stage_pipeline).
+            around = [stage[k] for k in ("bare_before", "bare_after") if stage.get(k)]
+            reference = statistics.fmean(around) if len(around) == 2 else bare
+            if pipeline and reference:
+                found[f"{name}/bare"] = round(pipeline / reference, 3)
             if pipeline and naive:
                 found[f"{name}/naive"] = round(pipeline / naive, 2)
     precision = stages.get("precision", {})
@@ -743,6 +765,8 @@ def format_table(results: Results) -> str:
             continue
         detail_keys = (
             "best_batch",
+            "bare_before",
+            "bare_after",
             "p50_ms",
             "p99_ms",
             "target_msg_per_s",

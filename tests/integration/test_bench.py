@@ -39,6 +39,19 @@ def test_ratios_come_from_the_stages_of_one_run() -> None:
     }
 
 
+def test_the_pipeline_is_compared_with_the_bare_rate_measured_around_it() -> None:
+    stages = {
+        "bare": {"msg_per_s": 100.0},
+        "pipeline[kafka-python]": {"msg_per_s": 90.0, "bare_before": 95.0, "bare_after": 105.0},
+        "pipeline[confluent]": {"msg_per_s": 90.0, "bare_before": 80.0, "bare_after": 120.0},
+    }
+    found = ratios(stages)
+    assert found["pipeline[kafka-python]/bare"] == 0.9
+    assert found["pipeline[confluent]/bare"] == 0.9
+    stages["pipeline[confluent]"] = {"msg_per_s": 90.0, "bare_before": 80.0}  # one side only
+    assert ratios(stages)["pipeline[confluent]/bare"] == 0.9  # the bare stage's rate then
+
+
 @pytest.mark.timeout(300)
 def test_a_quick_run_measures_every_stage(broker: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     options = BenchOptions(
@@ -64,6 +77,10 @@ def test_a_quick_run_measures_every_stage(broker: str, tiny_model_dir: Path, tmp
     assert 0 < precision["int8"]["max_prob_diff_vs_fp32"] <= 0.1
     pipeline = stages["pipeline[kafka-python]"]
     assert pipeline["published"] == 300 and "incomplete" not in pipeline
+    assert pipeline["bare_before"] > 0 and pipeline["bare_after"] > 0
+    assert results.ratios["pipeline[kafka-python]/bare"] == round(
+        pipeline["msg_per_s"] / ((pipeline["bare_before"] + pipeline["bare_after"]) / 2), 3
+    )
     assert stages["naive"]["messages"] > 0
     latency = stages["latency"]
     assert 0 < latency["p50_ms"] <= latency["p99_ms"]
