@@ -11,7 +11,8 @@ Stages (each is skipped with a note when it cannot run, never silently):
   (at-least-once), per transport; the rate counts published predictions from the first
   one on (group join and warm-up excluded); its ratio to bare is against the bare rate at
   the same batch measured right before and after it (the VM drifts between stages);
-- ``naive``: consume one message, predict it, produce it, wait for the ack, commit; repeat;
+- ``naive``: consume one message, predict it, produce it, wait for the ack, commit; repeat
+  (``model_seconds``: the part spent in ``predict_proba``);
 - ``setfit``: ``setfit`` ``predict_proba`` on the same model directory (in a subprocess
   with ``--setfit-python``, or in process when setfit is importable);
 - ``latency``: a paced producer at half the pipeline's peak; latency is the output's
@@ -414,7 +415,7 @@ def stage_naive(bootstrap: str, runtime: Any, texts: Sequence[str], seconds: flo
         heartbeat_interval_ms=1_000,
     )
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    done, started = 0, None
+    done, started, in_model = 0, None, 0.0
     try:
         end = time.monotonic() + seconds + 30
         while time.monotonic() < end:
@@ -424,7 +425,9 @@ def stage_naive(bootstrap: str, runtime: Any, texts: Sequence[str], seconds: flo
                         started = time.perf_counter()
                         end = time.monotonic() + seconds
                     text = json.loads(record.value)["text"]
+                    model_started = time.perf_counter()
                     probabilities = runtime.predict_proba([text])[0]
+                    in_model += time.perf_counter() - model_started
                     producer.send(topics["out"], value=json.dumps(probabilities.tolist()).encode()).get(
                         timeout=30
                     )
@@ -442,6 +445,8 @@ def stage_naive(bootstrap: str, runtime: Any, texts: Sequence[str], seconds: flo
         "msg_per_s": round(done / elapsed, 1) if elapsed else 0.0,
         "messages": done,
         "seconds": round(elapsed, 2),
+        # the rest is the client: poll, produce and wait for the ack, commit
+        "model_seconds": round(in_model, 2),
     }
 
 
