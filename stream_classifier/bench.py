@@ -73,6 +73,13 @@ except ImportError:  # sentence-transformers before 6.1 (e.g. the GPU check's 6.
 logger = logging.getLogger(__name__)
 
 RANDOM_ARCHS: dict[str, dict[str, int]] = {
+    # next to no compute: what the pipeline's own path (client, service, broker) sustains
+    "tiny": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
     # all-MiniLM-L6-v2's shape
     "minilm": {
         "hidden_size": 384,

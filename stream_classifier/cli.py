@@ -386,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport", default=None, help="pipeline transports, e.g. kafka-python,confluent")
     p.add_argument("--model", type=Path, default=None, help="benchmark this model directory")
     p.add_argument(
-        "--random-arch", choices=["minilm", "mpnet-base"], default=None, help="random-init body of this size"
+        "--random-arch",
+        choices=["tiny", "minilm", "mpnet-base"],
+        default=None,
+        help="random-init body of this size (tiny: next to no compute)",
     )
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer files for --random-arch")
     p.add_argument("--bootstrap-servers", default=None, help="a cluster instead of the embedded broker")

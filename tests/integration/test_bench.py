@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from stream_classifier.bench import BenchOptions, ratios, run_bench, write_results
+from stream_classifier.bench import BenchOptions, build_random_body, ratios, run_bench, write_results
+from stream_classifier.errors import ConfigError
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "benchmarks" / "tokenizer"
 
 
 def test_ratios_come_from_the_stages_of_one_run() -> None:
@@ -50,6 +53,15 @@ def test_the_pipeline_is_compared_with_the_bare_rate_measured_around_it() -> Non
     assert found["pipeline[confluent]/bare"] == 0.9
     stages["pipeline[confluent]"] = {"msg_per_s": 90.0, "bare_before": 80.0}  # one side only
     assert ratios(stages)["pipeline[confluent]/bare"] == 0.9  # the bare stage's rate then
+
+
+def test_random_bodies_have_their_arch_shape(tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    body = SentenceTransformer(str(build_random_body("tiny", TOKENIZER, tmp_path / "tiny")), device="cpu")
+    assert body.encode(["a short text"]).shape == (1, 32)
+    with pytest.raises(ConfigError, match="--random-arch"):
+        build_random_body("huge", TOKENIZER, tmp_path / "huge")
 
 
 @pytest.mark.timeout(300)
