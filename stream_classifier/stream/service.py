@@ -78,6 +78,7 @@ from stream_classifier.stream.codec import (
     Rejected,
     encode_dead_letter,
     encode_prediction,
+    published_rows,
 )
 from stream_classifier.stream.kafka_io import Consumer, Partition, Producer, Record, Transport
 from stream_classifier.stream.offsets import OffsetTracker, Pending
@@ -396,6 +397,7 @@ class StreamService:
         predicted: Counter[str] = Counter()
         published: list[int] = []
         labels: list[str] = []
+        rows, best = published_rows(result.probabilities)
         for index, item in enumerate(result.items):
             if not self._tracker.is_current(item.entry):
                 continue  # its partition was revoked or rewound: it will be read again
@@ -407,7 +409,8 @@ class StreamService:
                 item.record,
                 id_=item.decoded.id,
                 labels=classes,
-                probabilities=result.probabilities[index],
+                row=rows[index],
+                best=best[index],
                 model_version=version,
                 topic=topic,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -83,11 +84,13 @@ def test_no_bytes_make_the_decoder_raise(value: bytes) -> None:
 
 
 def test_prediction_encoding() -> None:
+    rows, best = codec.published_rows(np.array([[0.25, 0.7500001]], dtype=np.float32))
     out, label, confidence = codec.encode_prediction(
         record(b"{}"),
         id_="a-1",
         labels=["neg", "pos"],
-        probabilities=np.array([0.25, 0.7500001], dtype=np.float32),
+        row=rows[0],
+        best=best[0],
         model_version="v1",
         topic="out",
     )
@@ -99,6 +102,16 @@ def test_prediction_encoding() -> None:
     assert confidence == pytest.approx(0.75, abs=1e-6)
     assert out.topic == "out" and out.key == b"k"
     assert dict(out.headers)[codec.MODEL_VERSION_HEADER] == b"v1"
+
+
+def test_published_rows_are_each_row_renormalised_in_float64() -> None:
+    probabilities = np.array([[0.2, 0.3, 0.5000001], [0.9, 0.05, 0.05], [0.0, 0.0, 0.0]], dtype=np.float32)
+    rows, best = codec.published_rows(probabilities)
+    for row, original in zip(rows[:2], probabilities[:2], strict=True):
+        expected = original.astype(np.float64) / original.astype(np.float64).sum()
+        assert row == expected.tolist() and sum(row) == pytest.approx(1.0, abs=1e-12)
+    assert best[:2] == [2, 0]
+    assert all(math.isnan(v) for v in rows[2])  # a failed message's zero row: never published
 
 
 def test_dead_letter_keeps_key_value_and_headers() -> None:
