@@ -24,15 +24,15 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from anywhere: the package is the repo's
 TOKENIZER = REPO / "benchmarks" / "tokenizer"
+
+from workers_scaling import workers_scaling  # noqa: E402 - benchmarks/, next to this script
 
 
 class Budget:
@@ -109,107 +109,6 @@ def bench_argv(
     return argv
 
 
-def workers_scaling(
-    out: Path, *, dry_run: bool, processes: int, messages: int, box_s: float
-) -> dict[str, Any]:
-    """``processes`` `serve` processes (kafka-python) in one group over a backlog: aggregate msg/s."""
-    import yaml
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-
-    from stream_classifier.bench import bench_texts, build_random_body
-    from stream_classifier.demo import sample_examples
-    from stream_classifier.model.format import save_model
-    from stream_classifier.model.training import TrainingConfig, train_model
-    from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics
-
-    device = "cpu" if dry_run else "cuda"
-    log = out / "workers.log"
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker, log.open("a") as sink:
-        body = build_random_body("minilm", TOKENIZER, Path(tmp) / "body")
-        bundle = train_model(
-            sample_examples("train"), str(body), TrainingConfig(head_only=True), device=device
-        )
-        model = save_model(bundle, Path(tmp) / "model")
-        bootstrap = broker.bootstrap_servers
-        tag = uuid.uuid4().hex[:6]
-        source, group = f"w-in-{tag}", f"w-{tag}"
-        create_topics(bootstrap, [source], partitions=8)
-        create_topics(bootstrap, [f"w-out-{tag}", f"w-dlq-{tag}"])
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024)
-        for i, text in enumerate(bench_texts(messages, 20)):
-            producer.send(source, json.dumps({"text": text, "id": str(i)}).encode())
-        producer.flush()
-        producer.close()
-        config = Path(tmp) / "serve.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "kafka": {
-                        "bootstrap_servers": bootstrap,
-                        "group_id": group,
-                        "input_topics": source,
-                        "output_topic": f"w-out-{tag}",
-                        "dead_letter_topic": f"w-dlq-{tag}",
-                        "session_timeout_ms": 6000,
-                        "heartbeat_interval_ms": 1000,
-                        "max_poll_records": 2000,
-                    },
-                    "model": {
-                        "path": str(model),
-                        "device": device,
-                        "precision": "fp32" if dry_run else "fp16",
-                    },
-                    "batching": {"max_batch_size": 256, "max_wait_ms": 5, "max_in_flight": 8192},
-                    "processing": {"commit_interval_ms": 200},
-                    "metrics": {"port": 0},
-                    "logging": {"level": "WARNING"},
-                }
-            )
-        )
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-        servers = [
-            subprocess.Popen(
-                [sys.executable, "-m", "stream_classifier", "serve", "--config", str(config)],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-            for _ in range(processes)
-        ]
-        watcher = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-        partitions = [TopicPartition(source, p) for p in range(8)]
-        samples: list[tuple[float, int]] = []
-        deadline = time.monotonic() + box_s
-        try:
-            while time.monotonic() < deadline:
-                committed = sum(watcher.committed(tp) or 0 for tp in partitions)
-                samples.append((time.monotonic(), committed))
-                if committed >= messages:
-                    break
-                time.sleep(0.5)
-        finally:
-            watcher.close()
-            for server in servers:
-                server.send_signal(signal.SIGTERM)
-            for server in servers:
-                try:
-                    server.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-    moving = [(t, c) for t, c in samples if c > 0]
-    if len(moving) < 2:
-        return {"processes": processes, "msg_per_s": 0.0, "note": "no progress measured"}
-    (t0, c0), (t1, c1) = moving[0], moving[-1]
-    return {
-        "processes": processes,
-        "messages": messages,
-        "committed": c1,
-        "msg_per_s": round((c1 - c0) / (t1 - t0), 1) if t1 > t0 else 0.0,
-        "note": "aggregate committed msg/s, from the first commit on; each process owns some of 8 partitions",
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -266,7 +165,13 @@ def main() -> int:
         started = time.monotonic()
         try:
             value = workers_scaling(
-                args.out, dry_run=dry, processes=2, messages=300 if dry else 60_000, box_s=box
+                args.out / "workers.log",
+                arch="minilm",
+                device="cpu" if dry else "cuda",
+                precision="fp32" if dry else "fp16",
+                processes=2,
+                messages=300 if dry else 60_000,
+                box_s=box,
             )
         except Exception as exc:
             value = {"status": f"failed: {type(exc).__name__}: {exc}"}
