@@ -71,8 +71,8 @@ from stream_classifier.ops.logs import configure_logging  # noqa: E402
 from stream_classifier.ops.metrics import Metrics  # noqa: E402
 from stream_classifier.stream.codec import OutgoingRecord  # noqa: E402
 from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics  # noqa: E402
-from stream_classifier.stream.kafka_io import make_transport  # noqa: E402
 from stream_classifier.stream.service import PublishedBatch, StreamService  # noqa: E402
+from stream_classifier.transport import make_transport  # noqa: E402
 
 TOPICS = {
     "input": "lc-texts",

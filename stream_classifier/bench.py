@@ -62,8 +62,9 @@ from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread, r
 from stream_classifier.model.training import TrainingConfig, train_model
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics
-from stream_classifier.stream.kafka_io import crc32c_implementation, make_transport
 from stream_classifier.stream.service import StreamService
+from stream_classifier.transport import make_transport
+from stream_classifier.transport.kafka_python import crc32c_implementation
 
 try:
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer

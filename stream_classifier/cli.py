@@ -135,8 +135,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from stream_classifier.ops.http import start_ops_server
     from stream_classifier.ops.logs import configure_logging
     from stream_classifier.ops.metrics import Metrics
-    from stream_classifier.stream.kafka_io import make_transport
     from stream_classifier.stream.service import StreamService
+    from stream_classifier.transport import make_transport
 
     settings = load_settings(args.config)
     configure_logging(settings.logging.level)
@@ -230,7 +230,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from stream_classifier.config import load_settings
     from stream_classifier.learn.retrainer import require_store
     from stream_classifier.learn.updates import announce
-    from stream_classifier.stream.kafka_io import make_transport
+    from stream_classifier.transport import make_transport
 
     settings = load_settings(args.config)
     store = require_store(settings)
@@ -255,7 +255,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from stream_classifier.learn.retrainer import retrain_once
     from stream_classifier.ops.logs import configure_logging
     from stream_classifier.ops.metrics import Metrics
-    from stream_classifier.stream.kafka_io import make_transport
+    from stream_classifier.transport import make_transport
 
     settings = load_settings(args.config)
     configure_logging(settings.logging.level)

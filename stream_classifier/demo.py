@@ -48,8 +48,9 @@ from stream_classifier.ops.http import start_ops_server
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics
-from stream_classifier.stream.kafka_io import kafka_python_common_config, make_transport
 from stream_classifier.stream.service import StreamService
+from stream_classifier.transport import make_transport
+from stream_classifier.transport.client_config import kafka_python_common_config
 
 logger = logging.getLogger(__name__)
 

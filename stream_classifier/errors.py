@@ -40,6 +40,27 @@ class TransportError(StreamClassifierError):
     """The Kafka client failed in a way the service cannot recover from by retrying."""
 
 
+class RecordRejectedError(TransportError):
+    """The broker refuses one record for good (too large, not authorised, invalid record).
+
+    Retrying cannot help: the service dead-letters the input the record was made for, with
+    the reason ``output_rejected``, and goes on.
+    """
+
+
+class UnreadableRecordError(StreamClassifierError):
+    """The client cannot parse the record at ``topic``/``partition``/``offset``.
+
+    The service dead-letters its coordinates (nothing else of it can be read) and moves past it.
+    """
+
+    def __init__(self, message: str, *, topic: str, partition: int, offset: int) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+
+
 class ModelStoreError(StreamClassifierError):
     """The model store (versions, manifest) is inconsistent or unreachable."""
 

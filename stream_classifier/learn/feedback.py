@@ -36,7 +36,7 @@ from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import DeadLetterReason, Metrics
 from stream_classifier.stream.codec import Rejected as CodecRejected
 from stream_classifier.stream.codec import encode_dead_letter
-from stream_classifier.stream.kafka_io import Producer, Record
+from stream_classifier.transport import Producer, Record
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ from stream_classifier.model.format import EXAMPLES_FILE, new_version_id
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.stream.kafka_io import Producer, Transport
+from stream_classifier.transport import Producer, Transport
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from kafka import errors as kerr
 from stream_classifier.config import KafkaSettings
 from stream_classifier.errors import BrokerUnavailableError, TransportError
 from stream_classifier.ops.logs import log_event
-from stream_classifier.stream.kafka_io import Record, kafka_python_common_config
+from stream_classifier.transport import Record
+from stream_classifier.transport.client_config import kafka_python_common_config
 
 logger = logging.getLogger(__name__)
 

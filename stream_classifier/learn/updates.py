@@ -30,7 +30,7 @@ from stream_classifier.model.format import METADATA_FILE, ModelMetadata, load_mo
 from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.stream.kafka_io import Producer
+from stream_classifier.transport import Producer
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from stream_classifier.stream.kafka_io import Partition
+from stream_classifier.transport import Partition
 
 
 class Pending:

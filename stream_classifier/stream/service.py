@@ -80,8 +80,8 @@ from stream_classifier.stream.codec import (
     encode_prediction,
     published_rows,
 )
-from stream_classifier.stream.kafka_io import Consumer, Partition, Producer, Record, Transport
 from stream_classifier.stream.offsets import OffsetTracker, Pending
+from stream_classifier.transport import Consumer, Partition, Producer, Record, Transport
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry
 from stream_classifier.config import KafkaSettings, Settings
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.stream.kafka_io import make_transport
 from stream_classifier.stream.service import PublishHook, StreamService
+from stream_classifier.transport import make_transport
 from tests.fixtures.broker import (
     TEST_HEARTBEAT_MS,
     TEST_SESSION_TIMEOUT_MS,

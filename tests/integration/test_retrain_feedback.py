@@ -15,7 +15,7 @@ from stream_classifier.config import Settings
 from stream_classifier.learn.feedback import FeedbackReader
 from stream_classifier.learn.retrainer import retrain_once
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.stream.kafka_io import make_transport
+from stream_classifier.transport import make_transport
 from tests.fixtures.broker import produce, read_all
 from tests.integration.retrain_support import feedback_messages, good_feedback, learn_settings, seeded_store
 from tests.integration.service_support import wait_until

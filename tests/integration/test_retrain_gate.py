@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from stream_classifier.learn.retrainer import retrain_once
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.stream.kafka_io import make_transport
+from stream_classifier.transport import make_transport
 from tests.fixtures.broker import produce
 from tests.integration.retrain_support import (
     TRUSTED,

@@ -15,7 +15,7 @@ from stream_classifier.learn.retrainer import retrain_once, start_learning
 from stream_classifier.model.format import load_model
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.stream.kafka_io import make_transport
+from stream_classifier.transport import make_transport
 from tests.fixtures.broker import produce, read_all
 from tests.integration.retrain_support import good_feedback, learn_settings, seeded_store, send_feedback
 from tests.integration.service_support import output_body, running_service, wait_until

@@ -14,7 +14,7 @@ from stream_classifier.config import InputSettings
 from stream_classifier.ops.metrics import DEAD_LETTER_REASONS
 from stream_classifier.stream import codec
 from stream_classifier.stream.codec import Decoded, InputDecoder, Rejected
-from stream_classifier.stream.kafka_io import Record
+from stream_classifier.transport import Record
 
 
 def record(

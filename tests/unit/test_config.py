@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from stream_classifier import transport
 from stream_classifier.config import load_settings, masked_dump
 from stream_classifier.errors import ConfigError
 from stream_classifier.ops.logs import configure_logging
-from stream_classifier.stream import kafka_io
+from stream_classifier.transport import client_config, kafka_python
 
 
 @pytest.fixture(autouse=True)
@@ -123,8 +124,8 @@ def test_security_settings_reach_the_client_and_the_password_is_never_logged(tmp
             "producer_properties": {"linger_ms": 5},
         }
     )
-    consumer = kafka_io.kafka_python_consumer_config(settings.kafka)
-    producer = kafka_io.kafka_python_producer_config(settings.kafka)
+    consumer = client_config.kafka_python_consumer_config(settings.kafka)
+    producer = client_config.kafka_python_producer_config(settings.kafka)
     for cfg in (consumer, producer):
         assert cfg["security_protocol"] == "SASL_SSL" and cfg["sasl_mechanism"] == "SCRAM-SHA-512"
         assert (cfg["sasl_plain_username"], cfg["sasl_plain_password"]) == ("svc", "hunter2")
@@ -140,7 +141,7 @@ def test_security_settings_reach_the_client_and_the_password_is_never_logged(tmp
         update={"bootstrap_servers": ["127.0.0.1:1"], "consumer_properties": {"api_version": (2, 5, 0)}}
     )
     try:
-        kafka_io.KafkaPythonConsumer(offline).close()
+        kafka_python.KafkaPythonConsumer(offline).close()
     finally:
         logging.getLogger("stream_classifier").handlers.clear()
     logged = stream.getvalue()
@@ -151,9 +152,9 @@ def test_security_settings_reach_the_client_and_the_password_is_never_logged(tmp
 def test_auto_commit_cannot_be_switched_on() -> None:
     settings = load_settings(kafka={"consumer_properties": {"enable_auto_commit": True}})
     with pytest.raises(ConfigError, match="enable_auto_commit"):
-        kafka_io.kafka_python_consumer_config(settings.kafka)
+        client_config.kafka_python_consumer_config(settings.kafka)
 
 
 def test_transport_choice_comes_from_settings() -> None:
     settings = load_settings()
-    assert isinstance(kafka_io.make_transport(settings.kafka), kafka_io.KafkaPythonTransport)
+    assert isinstance(transport.make_transport(settings.kafka), kafka_python.KafkaPythonTransport)

@@ -9,7 +9,7 @@ from stream_classifier.config import InputSettings
 from stream_classifier.demo import BAD_MESSAGES, Console, LiveView, Seen, demo_messages
 from stream_classifier.model.examples import Example
 from stream_classifier.stream.codec import InputDecoder, Rejected
-from stream_classifier.stream.kafka_io import Record
+from stream_classifier.transport import Record
 
 EXAMPLES = [Example("cheap loans now", "spam"), Example("meeting moved to 3pm", "ham")]
 

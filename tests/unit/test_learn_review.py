@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry
 from stream_classifier.config import ActiveLearningSettings
 from stream_classifier.learn.review import ReviewRouter, TokenBucket, uncertainty
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.stream.kafka_io import Record
 from stream_classifier.stream.service import PublishedBatch
+from stream_classifier.transport import Record
 
 
 class FakeClock:

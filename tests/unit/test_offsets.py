@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from stream_classifier.stream.kafka_io import Partition
 from stream_classifier.stream.offsets import OffsetTracker
+from stream_classifier.transport import Partition
 
 P0 = Partition("in", 0)
 P1 = Partition("in", 1)

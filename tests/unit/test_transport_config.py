@@ -13,9 +13,10 @@ import confluent_kafka as ck
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
+from stream_classifier import transport
 from stream_classifier.config import KafkaSettings
 from stream_classifier.errors import ConfigError
-from stream_classifier.stream import confluent_io, kafka_io
+from stream_classifier.transport import client_config, confluent, kafka_python
 
 SECURE = {
     "bootstrap_servers": ["broker-1:9093", "broker-2:9093"],
@@ -31,7 +32,7 @@ SECURE = {
 
 def test_kafka_python_gets_every_security_setting_under_its_own_names() -> None:
     settings = KafkaSettings(**SECURE)
-    cfg = kafka_io.kafka_python_producer_config(settings)
+    cfg = client_config.kafka_python_producer_config(settings)
     assert cfg["bootstrap_servers"] == ["broker-1:9093", "broker-2:9093"]
     assert cfg["security_protocol"] == "SASL_SSL" and cfg["sasl_mechanism"] == "SCRAM-SHA-512"
     assert (cfg["sasl_plain_username"], cfg["sasl_plain_password"]) == ("svc-classifier", "pa55word")
@@ -41,14 +42,14 @@ def test_kafka_python_gets_every_security_setting_under_its_own_names() -> None:
         "/etc/kafka/client.key",
     )
     assert set(cfg) <= set(KafkaProducer.DEFAULT_CONFIG)
-    consumer_cfg = kafka_io.kafka_python_consumer_config(settings, read_committed=True)
+    consumer_cfg = client_config.kafka_python_consumer_config(settings, read_committed=True)
     assert consumer_cfg["isolation_level"] == "read_committed"
     assert set(consumer_cfg) <= set(KafkaConsumer.DEFAULT_CONFIG)
 
 
 def test_librdkafka_gets_every_security_setting_under_its_names_and_accepts_them() -> None:
     settings = KafkaSettings(**SECURE)
-    cfg = confluent_io.confluent_producer_config(settings, transactional_id="tx-1")
+    cfg = client_config.confluent_producer_config(settings, transactional_id="tx-1")
     assert cfg["bootstrap.servers"] == "broker-1:9093,broker-2:9093"
     assert cfg["security.protocol"] == "sasl_ssl" and cfg["sasl.mechanism"] == "SCRAM-SHA-512"
     assert (cfg["sasl.username"], cfg["sasl.password"]) == ("svc-classifier", "pa55word")
@@ -59,11 +60,11 @@ def test_librdkafka_gets_every_security_setting_under_its_names_and_accepts_them
     )
     assert cfg["transactional.id"] == "tx-1" and cfg["enable.idempotence"] is True
     # librdkafka validates every property name and value when the client is created.
-    plain = confluent_io.confluent_producer_config(
+    plain = client_config.confluent_producer_config(
         KafkaSettings(**{**SECURE, "security_protocol": "SASL_PLAINTEXT"})
     )
     ck.Producer(plain)
-    consumer_cfg = confluent_io.confluent_consumer_config(settings, read_committed=True)
+    consumer_cfg = client_config.confluent_consumer_config(settings, read_committed=True)
     assert consumer_cfg["isolation.level"] == "read_committed"
     assert consumer_cfg["enable.auto.commit"] is False
 
@@ -71,12 +72,12 @@ def test_librdkafka_gets_every_security_setting_under_its_names_and_accepts_them
 @pytest.mark.parametrize(
     ("build", "name"),
     [
-        (kafka_io.kafka_python_producer_config, "sasl_plain_password"),
-        (confluent_io.confluent_producer_config, "sasl.password"),
+        (client_config.kafka_python_producer_config, "sasl_plain_password"),
+        (client_config.confluent_producer_config, "sasl.password"),
     ],
 )
 def test_the_secret_is_masked_in_the_loggable_view(build, name: str) -> None:
-    described = kafka_io.describe_client_config(build(KafkaSettings(**SECURE)))
+    described = client_config.describe_client_config(build(KafkaSettings(**SECURE)))
     assert described[name] == "**********"
     assert "pa55word" not in repr(described)
 
@@ -86,22 +87,22 @@ def test_pass_through_properties_reach_the_client_but_cannot_enable_auto_commit(
         producer_properties={"linger.ms": 20, "compression.type": "lz4"},
         consumer_properties={"fetch.min.bytes": 1024},
     )
-    assert confluent_io.confluent_producer_config(settings)["linger.ms"] == 20
-    assert confluent_io.confluent_consumer_config(settings)["fetch.min.bytes"] == 1024
+    assert client_config.confluent_producer_config(settings)["linger.ms"] == 20
+    assert client_config.confluent_consumer_config(settings)["fetch.min.bytes"] == 1024
     auto_commit = KafkaSettings(consumer_properties={"enable.auto.commit": True})
     with pytest.raises(ConfigError, match=r"enable\.auto\.commit"):
-        confluent_io.confluent_consumer_config(auto_commit)
+        client_config.confluent_consumer_config(auto_commit)
 
 
 def test_the_transport_setting_picks_the_client() -> None:
-    assert isinstance(kafka_io.make_transport(KafkaSettings()), kafka_io.KafkaPythonTransport)
+    assert isinstance(transport.make_transport(KafkaSettings()), kafka_python.KafkaPythonTransport)
     assert isinstance(
-        kafka_io.make_transport(KafkaSettings(transport="confluent")), confluent_io.ConfluentTransport
+        transport.make_transport(KafkaSettings(transport="confluent")), confluent.ConfluentTransport
     )
 
 
 def test_kafka_python_checksums_in_c_with_the_fast_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     # The dev install includes [fast], which brings the crc32c package kafka-python looks for.
-    assert kafka_io.crc32c_implementation() == "c"
-    monkeypatch.setattr(kafka_io.kafka_record_util, "crc32c_c", None)  # as without the package
-    assert kafka_io.crc32c_implementation() == "python"
+    assert kafka_python.crc32c_implementation() == "c"
+    monkeypatch.setattr(kafka_python.kafka_record_util, "crc32c_c", None)  # as without the package
+    assert kafka_python.crc32c_implementation() == "python"

@@ -2,7 +2,7 @@
 
 Chosen by ``kafka.transport: confluent`` and installed with ``pip install
 'stream-classifier[fast]'``; this module is imported only then. It keeps the contract of
-:mod:`stream_classifier.stream.kafka_io`:
+:mod:`stream_classifier.transport.base`:
 
 - rebalance callbacks run inside :meth:`ConfluentConsumer.poll`, on the polling thread
   (librdkafka serves them from ``consume``);
@@ -27,7 +27,7 @@ from typing import Any
 from stream_classifier.config import KafkaSettings
 from stream_classifier.errors import BrokerUnavailableError, ConfigError, TransportError
 from stream_classifier.ops.logs import log_event
-from stream_classifier.stream.kafka_io import (
+from stream_classifier.transport.base import (
     Consumer,
     DeliveryCallback,
     Headers,
@@ -35,9 +35,11 @@ from stream_classifier.stream.kafka_io import (
     Producer,
     RebalanceListener,
     Record,
+)
+from stream_classifier.transport.client_config import (
+    confluent_consumer_config,
+    confluent_producer_config,
     describe_client_config,
-    security_config,
-    with_consumer_properties,
 )
 
 try:
@@ -53,7 +55,6 @@ logger = logging.getLogger(__name__)
 # not straight to stderr.
 _librdkafka_logger = logging.getLogger(f"{__name__}.librdkafka")
 
-_RESERVED_CONSUMER = {"enable.auto.commit": False}
 # How long send() keeps serving delivery reports while librdkafka's local queue is full
 # before it reports the broker as unavailable (kafka-python's max_block_ms counterpart).
 _QUEUE_FULL_BLOCK_S = 10.0
@@ -67,52 +68,6 @@ _FATAL_CODES = {
     "_INVALID_ARG",
     "_SSL",
 }
-
-
-def confluent_common_config(k: KafkaSettings) -> dict[str, Any]:
-    """Connection and security settings in librdkafka's names (holds the secret)."""
-    cfg: dict[str, Any] = {
-        "bootstrap.servers": ",".join(k.bootstrap_servers),
-        "client.id": k.client_id,
-        "security.protocol": k.security_protocol.lower(),
-    }
-    cfg.update(
-        security_config(
-            k,
-            sasl_mechanism="sasl.mechanism",
-            sasl_username="sasl.username",
-            sasl_password="sasl.password",
-            ssl_cafile="ssl.ca.location",
-            ssl_certfile="ssl.certificate.location",
-            ssl_keyfile="ssl.key.location",
-        )
-    )
-    return cfg
-
-
-def confluent_consumer_config(k: KafkaSettings, *, read_committed: bool = False) -> dict[str, Any]:
-    cfg = confluent_common_config(k)
-    cfg.update(
-        {
-            "group.id": k.group_id,
-            "auto.offset.reset": k.auto_offset_reset,
-            "session.timeout.ms": k.session_timeout_ms,
-            "heartbeat.interval.ms": k.heartbeat_interval_ms,
-            "max.partition.fetch.bytes": max(k.max_request_size, 1_048_576),
-            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
-        }
-    )
-    return with_consumer_properties(cfg, k.consumer_properties, _RESERVED_CONSUMER)
-
-
-def confluent_producer_config(k: KafkaSettings, *, transactional_id: str | None = None) -> dict[str, Any]:
-    cfg = confluent_common_config(k)
-    # acks=all + idempotence keep per-partition order across retries.
-    cfg.update({"acks": "all", "enable.idempotence": True, "message.max.bytes": k.max_request_size})
-    cfg.update(k.producer_properties)
-    if transactional_id is not None:
-        cfg["transactional.id"] = transactional_id
-    return cfg
 
 
 def _translate(exc: BaseException, action: str) -> Exception:

@@ -1,0 +1,177 @@
+"""Client configuration: the service's settings in each client's property names.
+
+Secrets (the SASL password, key passwords, pass-through secret properties) reach the client
+and nothing else: :func:`describe_client_config` is the only loggable view.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from stream_classifier.config import KafkaSettings
+from stream_classifier.errors import ConfigError
+
+# Settings the service relies on; pass-through properties may not change them.
+_RESERVED_KAFKA_PYTHON_CONSUMER = {"enable_auto_commit": False}
+
+
+def kafka_python_common_config(k: KafkaSettings) -> dict[str, Any]:
+    """Connection and security settings shared by consumer and producer (holds the secret)."""
+    cfg: dict[str, Any] = {
+        "bootstrap_servers": list(k.bootstrap_servers),
+        "client_id": k.client_id,
+        "security_protocol": k.security_protocol,
+    }
+    cfg.update(
+        security_config(
+            k,
+            sasl_mechanism="sasl_mechanism",
+            sasl_username="sasl_plain_username",
+            sasl_password="sasl_plain_password",
+            ssl_cafile="ssl_cafile",
+            ssl_certfile="ssl_certfile",
+            ssl_keyfile="ssl_keyfile",
+        )
+    )
+    return cfg
+
+
+def security_config(k: KafkaSettings, **client_names: str) -> dict[str, Any]:
+    """The SASL/SSL settings that are set, each under its client's name (holds the secret).
+
+    ``client_names`` maps a :class:`KafkaSettings` field to the client's property name;
+    secrets are revealed and paths become strings.
+    """
+    cfg: dict[str, Any] = {}
+    for setting, name in client_names.items():
+        value = getattr(k, setting)
+        if isinstance(value, SecretStr):
+            cfg[name] = value.get_secret_value()
+        elif isinstance(value, Path):
+            cfg[name] = str(value)
+        elif value is not None:
+            cfg[name] = value
+    return cfg
+
+
+def kafka_python_consumer_config(k: KafkaSettings, *, read_committed: bool = False) -> dict[str, Any]:
+    cfg = kafka_python_common_config(k)
+    cfg.update(
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+        group_id=k.group_id,
+        auto_offset_reset=k.auto_offset_reset,
+        session_timeout_ms=k.session_timeout_ms,
+        heartbeat_interval_ms=k.heartbeat_interval_ms,
+        max_poll_records=k.max_poll_records,
+        max_partition_fetch_bytes=max(k.max_request_size, 1_048_576),
+    )
+    return with_consumer_properties(cfg, k.consumer_properties, _RESERVED_KAFKA_PYTHON_CONSUMER)
+
+
+def with_consumer_properties(
+    cfg: dict[str, Any], properties: Mapping[str, Any], reserved: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``cfg`` with the pass-through ``properties`` applied; the ``reserved`` settings stay as given.
+
+    Raises :class:`ConfigError` if ``properties`` tries to change a reserved setting.
+    """
+    cfg.update(properties)
+    for name, required in reserved.items():
+        if cfg.get(name, required) != required:
+            raise ConfigError(
+                f"setting 'kafka.consumer_properties.{name}' must not be set: the service commits "
+                "offsets itself, after the outputs are acknowledged"
+            )
+    cfg.update(reserved)
+    return cfg
+
+
+def kafka_python_producer_config(k: KafkaSettings, *, transactional_id: str | None = None) -> dict[str, Any]:
+    cfg = kafka_python_common_config(k)
+    # acks=all + idempotence keep per-partition order across retries; a bounded block time
+    # turns a missing broker into a retried error instead of a minute-long stall; a 5 ms
+    # linger (librdkafka's default) sends a batch's outputs in a few requests instead of one
+    # each, which on a small CPU leaves more of it to the model (see BENCHMARKS.md).
+    cfg.update(
+        acks="all",
+        enable_idempotence=True,
+        max_request_size=k.max_request_size,
+        max_block_ms=10_000,
+        linger_ms=5,
+    )
+    cfg.update(k.producer_properties)
+    if transactional_id is not None:
+        cfg["transactional_id"] = transactional_id
+    return cfg
+
+
+_RESERVED_CONFLUENT_CONSUMER = {"enable.auto.commit": False}
+
+
+def confluent_common_config(k: KafkaSettings) -> dict[str, Any]:
+    """Connection and security settings in librdkafka's names (holds the secret)."""
+    cfg: dict[str, Any] = {
+        "bootstrap.servers": ",".join(k.bootstrap_servers),
+        "client.id": k.client_id,
+        "security.protocol": k.security_protocol.lower(),
+    }
+    cfg.update(
+        security_config(
+            k,
+            sasl_mechanism="sasl.mechanism",
+            sasl_username="sasl.username",
+            sasl_password="sasl.password",
+            ssl_cafile="ssl.ca.location",
+            ssl_certfile="ssl.certificate.location",
+            ssl_keyfile="ssl.key.location",
+        )
+    )
+    return cfg
+
+
+def confluent_consumer_config(k: KafkaSettings, *, read_committed: bool = False) -> dict[str, Any]:
+    cfg = confluent_common_config(k)
+    cfg.update(
+        {
+            "group.id": k.group_id,
+            "auto.offset.reset": k.auto_offset_reset,
+            "session.timeout.ms": k.session_timeout_ms,
+            "heartbeat.interval.ms": k.heartbeat_interval_ms,
+            "max.partition.fetch.bytes": max(k.max_request_size, 1_048_576),
+            "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+        }
+    )
+    return with_consumer_properties(cfg, k.consumer_properties, _RESERVED_CONFLUENT_CONSUMER)
+
+
+def confluent_producer_config(k: KafkaSettings, *, transactional_id: str | None = None) -> dict[str, Any]:
+    cfg = confluent_common_config(k)
+    # acks=all + idempotence keep per-partition order across retries.
+    cfg.update({"acks": "all", "enable.idempotence": True, "message.max.bytes": k.max_request_size})
+    cfg.update(k.producer_properties)
+    if transactional_id is not None:
+        cfg["transactional.id"] = transactional_id
+    return cfg
+
+
+# Property names whose values are secret in either client's naming: passwords, SASL JAAS and
+# OAUTHBEARER configuration and client secrets, PEM key material, tokens. Matched by pattern,
+# so pass-through properties (``kafka.consumer_properties``/``producer_properties``) are
+# masked too.
+_SECRET_KEY = re.compile(r"password|secret|jaas|token|credential|pem|oauthbearer\.config|api.?key", re.I)
+MASK = "**********"
+
+
+def is_secret_property(name: str) -> bool:
+    """Whether a client property (either client's naming) holds a secret."""
+    return _SECRET_KEY.search(name) is not None
+
+
+def describe_client_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` with secrets masked: the only form a client configuration may be logged in."""
+    return {key: (MASK if is_secret_property(key) else value) for key, value in cfg.items()}

@@ -1,0 +1,230 @@
+"""The kafka-python transport (the default): :mod:`.base`'s interface over kafka-python."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import errors as kerr
+from kafka.record import util as kafka_record_util
+from kafka.structs import OffsetAndMetadata
+
+from stream_classifier.config import KafkaSettings
+from stream_classifier.errors import BrokerUnavailableError, TransportError
+from stream_classifier.ops.logs import log_event
+from stream_classifier.transport.base import (
+    Consumer,
+    DeliveryCallback,
+    Headers,
+    Partition,
+    Producer,
+    RebalanceListener,
+    Record,
+)
+from stream_classifier.transport.client_config import (
+    describe_client_config,
+    kafka_python_consumer_config,
+    kafka_python_producer_config,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def crc32c_implementation() -> str:
+    """How kafka-python checksums record batches (CRC-32C, every batch produced and fetched):
+    ``c`` when the ``crc32c`` package (extra ``[fast]``) is installed, else ``python``, its
+    pure-Python fallback: consuming ~2.5-3x and producing ~1.7x slower (BENCHMARKS.md)."""
+    return "c" if kafka_record_util.crc32c_c is not None else "python"
+
+
+def _translate(exc: Exception, action: str) -> Exception:
+    """Map a kafka-python error to the package's transient/fatal pair."""
+    fatal = (
+        kerr.KafkaConfigurationError,
+        kerr.AuthorizationError,
+        kerr.SaslAuthenticationFailedError,
+        kerr.IllegalStateError,
+    )
+    if isinstance(exc, fatal):
+        return TransportError(f"{action} failed: {type(exc).__name__}: {exc}; check the kafka.* settings")
+    return BrokerUnavailableError(f"{action} failed: {type(exc).__name__}: {exc}")
+
+
+def _call(action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except (kerr.KafkaError, OSError) as exc:
+        raise _translate(exc, action) from exc
+
+
+class _ListenerAdapter(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Queues kafka-python's rebalance callbacks, which run on its I/O thread.
+
+    They must not block there (heartbeats share that thread), so the partitions change first
+    and :meth:`KafkaPythonConsumer.poll` tells the service afterwards, on the polling thread.
+    """
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue[tuple[str, list[Partition]]] = queue.SimpleQueue()
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self.events.put(("revoked", _partitions(revoked)))
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self.events.put(("assigned", _partitions(assigned)))
+
+    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
+        self.events.put(("lost", _partitions(lost)))
+
+
+def _partitions(tps: Iterable[TopicPartition]) -> list[Partition]:
+    return sorted(Partition(tp.topic, tp.partition) for tp in tps)
+
+
+class KafkaPythonConsumer:
+    def __init__(self, settings: KafkaSettings, *, read_committed: bool = False) -> None:
+        cfg = kafka_python_consumer_config(settings, read_committed=read_committed)
+        crc32c = crc32c_implementation()
+        log_event(logger, "kafka_consumer_config", config=describe_client_config(cfg), crc32c=crc32c)
+        self._consumer = _call("connecting the consumer", KafkaConsumer, **cfg)
+        self._rebalances = _ListenerAdapter()
+        self._listener: RebalanceListener | None = None
+
+    def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
+        self._listener = listener
+        _call("subscribing", self._consumer.subscribe, list(topics), listener=self._rebalances)
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Record]:
+        self._dispatch_rebalances()
+        batches = _call("polling", self._consumer.poll, int(timeout_s * 1000), max_records=max_records)
+        if self._dispatch_rebalances():  # drop what was fetched for partitions no longer ours
+            assigned = self._consumer.assignment()
+            batches = {tp: records for tp, records in batches.items() if tp in assigned}
+        return [
+            Record(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()), r.timestamp)
+            for records in batches.values()
+            for r in records
+        ]
+
+    def _dispatch_rebalances(self) -> bool:
+        """Tell the listener about queued rebalance events, in order; True if there were any."""
+        seen = False
+        while True:
+            try:
+                kind, partitions = self._rebalances.events.get_nowait()
+            except queue.Empty:
+                return seen
+            seen = True
+            if self._listener is not None:
+                getattr(self._listener, f"on_{kind}")(partitions)
+
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        payload = {TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+        _call("committing offsets", self._consumer.commit, payload)
+
+    def seek(self, partition: Partition, offset: int) -> None:
+        _call("seeking", self._consumer.seek, TopicPartition(*partition), offset)
+
+    def pause(self, partitions: Iterable[Partition]) -> None:
+        self._consumer.pause(*(TopicPartition(*tp) for tp in partitions))
+
+    def resume(self, partitions: Iterable[Partition]) -> None:
+        self._consumer.resume(*(TopicPartition(*tp) for tp in partitions))
+
+    def assignment(self) -> set[Partition]:
+        return {Partition(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    def position(self, partition: Partition) -> int:
+        position: int = _call("reading the position", self._consumer.position, TopicPartition(*partition))
+        return position
+
+    def end_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        ends = _call(
+            "reading end offsets", self._consumer.end_offsets, [TopicPartition(*p) for p in partitions]
+        )
+        return {Partition(tp.topic, tp.partition): int(offset) for tp, offset in ends.items()}
+
+    def group_metadata(self) -> object:
+        return self._consumer.group_metadata()
+
+    def connected(self) -> bool:
+        return bool(self._consumer.bootstrap_connected())
+
+    def close(self) -> None:
+        _call("closing the consumer", self._consumer.close, autocommit=False)
+
+
+class KafkaPythonProducer:
+    def __init__(self, settings: KafkaSettings, *, transactional_id: str | None = None) -> None:
+        cfg = kafka_python_producer_config(settings, transactional_id=transactional_id)
+        crc32c = crc32c_implementation()
+        log_event(logger, "kafka_producer_config", config=describe_client_config(cfg), crc32c=crc32c)
+        self._producer = _call("connecting the producer", KafkaProducer, **cfg)
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None,
+        headers: Headers,
+        on_delivery: DeliveryCallback,
+    ) -> None:
+        future = _call("producing", self._producer.send, topic, value=value, key=key, headers=list(headers))
+        future.add_callback(lambda _metadata: on_delivery(None))
+        future.add_errback(on_delivery)
+
+    def poll(self, timeout_s: float) -> None:
+        return None
+
+    def flush(self, timeout_s: float) -> bool:
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except kerr.KafkaTimeoutError:
+            return False
+        return True
+
+    # kafka-python bounds each transactional call by max_block_ms rather than a timeout.
+    def init_transactions(self, timeout_s: float) -> None:
+        _call("initialising transactions", self._producer.init_transactions)
+
+    def begin_transaction(self) -> None:
+        _call("beginning a transaction", self._producer.begin_transaction)
+
+    def send_offsets_to_transaction(
+        self, offsets: Mapping[Partition, int], consumer: Consumer, timeout_s: float
+    ) -> None:
+        payload = {TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+        _call(
+            "adding offsets to the transaction",
+            self._producer.send_offsets_to_transaction,
+            payload,
+            consumer.group_metadata(),
+        )
+
+    def commit_transaction(self, timeout_s: float) -> None:
+        _call("committing the transaction", self._producer.commit_transaction)
+
+    def abort_transaction(self, timeout_s: float) -> None:
+        _call("aborting the transaction", self._producer.abort_transaction)
+
+    def connected(self) -> bool:
+        return bool(self._producer.bootstrap_connected())
+
+    def close(self, timeout_s: float) -> None:
+        self._producer.close(timeout=timeout_s)
+
+
+class KafkaPythonTransport:
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._settings = settings
+        kafka_python_consumer_config(settings)  # configuration errors surface at start-up
+
+    def consumer(self, *, read_committed: bool = False) -> Consumer:
+        return KafkaPythonConsumer(self._settings, read_committed=read_committed)
+
+    def producer(self, *, transactional_id: str | None = None) -> Producer:
+        return KafkaPythonProducer(self._settings, transactional_id=transactional_id)
