@@ -193,6 +193,33 @@ class MetricsSettings(_Section):
     lag_refresh_s: float = Field(default=15.0, gt=0)
     # /healthz fails when the main loop has not ticked for this long.
     liveness_timeout_s: float = Field(default=120.0, gt=0)
+    request_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description=(
+            "Deadline of one ops HTTP connection, counted from its accept: the client sends its "
+            "request and reads the answer within it, or the connection is closed."
+        ),
+    )
+    max_connections: int = Field(
+        default=64,
+        ge=1,
+        le=4_096,
+        description=(
+            "Ops HTTP connections held while their request head arrives (one server thread reads "
+            "them all); a new connection beyond this closes the oldest such one."
+        ),
+    )
+    max_handlers: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description=(
+            "Complete ops HTTP requests answered at once, one thread each; a request beyond this "
+            "is answered 503 at once."
+        ),
+    )
 
 
 class LoggingSettings(_Section):

@@ -12,6 +12,14 @@ Invariants:
   covers a slow model load.
 - **ready** (``/readyz``) means model loaded, consumer joined, producer connected; the
   ``stream_classifier_ready`` gauge mirrors it on every change.
+- **producer connected** is the latest evidence about the producer, not a socket state:
+  true once the clients are created (``set_producer_connected(True)``) and after each
+  acknowledged delivery (:meth:`HealthState.producer_acknowledged`); false from a delivery
+  that failed for a reason the brokers may recover from (``set_producer_connected(False)``)
+  until the next acknowledgement, and while the clients are closed. A broker that goes away
+  is therefore seen at the first failed delivery: within the producer's delivery timeout
+  when records are in flight, and not while nothing is produced. ``seconds_since_delivery``
+  says how old the last acknowledgement is.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ class HealthSnapshot:
     model_loaded: bool
     consumer_joined: bool
     producer_connected: bool
+    seconds_since_delivery: float | None
     loop_started: bool
     waiting_on_broker: bool
     seconds_since_tick: float | None
@@ -54,12 +63,15 @@ class HealthSnapshot:
             "model_loaded": self.model_loaded,
             "consumer_joined": self.consumer_joined,
             "producer_connected": self.producer_connected,
+            "seconds_since_delivery": _rounded(self.seconds_since_delivery),
             "loop_started": self.loop_started,
             "waiting_on_broker": self.waiting_on_broker,
-            "seconds_since_tick": (
-                None if self.seconds_since_tick is None else round(self.seconds_since_tick, 3)
-            ),
+            "seconds_since_tick": _rounded(self.seconds_since_tick),
         }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 class HealthState:
@@ -79,6 +91,7 @@ class HealthState:
         self._model_loaded = False
         self._consumer_joined = False
         self._producer_connected = False
+        self._last_delivery: float | None = None
         self._last_tick: float | None = None
         self._broker_waits = 0
         with self._lock:
@@ -97,8 +110,19 @@ class HealthState:
             self._publish_ready()
 
     def set_producer_connected(self, value: bool) -> None:
+        """True once the clients are created; False when they are closed (shutdown,
+        reconnect) and when a delivery failed for a reason the brokers may recover from."""
         with self._lock:
             self._producer_connected = value
+            self._publish_ready()
+
+    def producer_acknowledged(self) -> None:
+        """Acknowledgements arrived: the producer reaches the brokers. Call once per drain
+        of delivery reports that acknowledged at least one record, not once per record."""
+        now = self._clock()
+        with self._lock:
+            self._producer_connected = True
+            self._last_delivery = now
             self._publish_ready()
 
     def tick(self) -> None:
@@ -129,6 +153,7 @@ class HealthState:
                 model_loaded=self._model_loaded,
                 consumer_joined=self._consumer_joined,
                 producer_connected=self._producer_connected,
+                seconds_since_delivery=None if self._last_delivery is None else now - self._last_delivery,
                 loop_started=self._last_tick is not None,
                 waiting_on_broker=self._broker_waits > 0,
                 seconds_since_tick=None if self._last_tick is None else now - self._last_tick,

@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import select
+import socket
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -53,8 +57,6 @@ def request(
 
 def non_loopback_address() -> str | None:
     """An address of this host that is not loopback, so that requests from it are 'remote'."""
-    import socket
-
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         try:
             sock.connect(("192.0.2.1", 9))  # TEST-NET-1: no packet is sent for UDP connect
@@ -189,17 +191,18 @@ def make_server(
     token: str | None,
     host: str = "127.0.0.1",
     accept: bool = True,
+    **bounds: Any,
 ) -> OpsServer:
     def trigger() -> bool:
         calls.append(1)
         return accept
 
     return start_ops_server(
-        MetricsSettings(host=host, port=0),
+        MetricsSettings(host=host, port=0, **bounds),
         metrics,
         health,
         trigger,
-        retrain_token=SecretStr(token) if token else None,
+        retrain_token=None if token is None else SecretStr(token),
     )
 
 
@@ -322,3 +325,205 @@ def test_log_level_comes_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     lines = stream.getvalue().splitlines()
     assert [json.loads(line)["event"] for line in lines] == ["shown"]
     assert json.loads(lines[0])["level"] == "warning"
+
+
+# ------------------------------------------------------------------ bounds on hostile clients
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65_536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def exchange(port: int, data: bytes, *, host: str = "127.0.0.1", timeout_s: float = 3.0) -> int:
+    """Send ``data`` as it is; the status of the answer (the server must answer and close)."""
+    with socket.create_connection((host, port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1."), answer
+    return int(answer.split(b" ", 2)[1])
+
+
+def post(path: str, *headers: str) -> bytes:
+    return "\r\n".join([f"POST {path} HTTP/1.1", "Host: ops", *headers, "", ""]).encode("latin-1")
+
+
+GET_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: ops\r\n\r\n"
+
+
+def test_idle_connections_hold_no_thread_and_a_probe_is_still_answered(
+    server: OpsServer, health: HealthState
+) -> None:
+    health.tick()
+    threads = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(200)]
+    try:
+        time.sleep(0.5)  # the server has accepted them all by now
+        assert threading.active_count() <= threads
+        assert exchange(server.port, GET_HEALTHZ) == 200  # more idle ones than max_connections
+        deadline = time.monotonic() + 2.0
+        while threading.active_count() > threads and time.monotonic() < deadline:
+            time.sleep(0.01)  # its handler thread ends right after closing the connection
+        assert threading.active_count() <= threads
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_a_slowloris_connection_is_closed_at_the_request_deadline(
+    metrics: Metrics, health: HealthState
+) -> None:
+    settings = MetricsSettings(host="127.0.0.1", port=0, request_timeout_s=1.0)
+    ops = start_ops_server(settings, metrics, health)
+    try:
+        with socket.create_connection(("127.0.0.1", ops.port), timeout=5) as sock:
+            started = time.monotonic()
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            closed = False
+            while not closed and time.monotonic() - started < 4.0:
+                try:
+                    sock.sendall(b"X-Slow: 1\r\n")  # a header every 0.2 s: never idle for long
+                    if select.select([sock], [], [], 0.2)[0]:
+                        closed = sock.recv(1024) == b""
+                except OSError:  # reset by the server
+                    closed = True
+            elapsed = time.monotonic() - started
+        assert closed
+        assert elapsed < 2.5
+    finally:
+        ops.stop()
+
+
+def test_requests_beyond_the_handlers_are_answered_503_at_once(
+    metrics: Metrics, health: HealthState, trigger_calls: list[int]
+) -> None:
+    health.tick()
+    ops = make_server(metrics, health, trigger_calls, token=None, max_handlers=2, request_timeout_s=1.5)
+    try:
+        # Two authorised requests whose announced body never comes hold both handlers.
+        held = [socket.create_connection(("127.0.0.1", ops.port), timeout=5) for _ in range(2)]
+        for sock in held:
+            sock.sendall(post("/retrain", "Content-Length: 10"))
+        time.sleep(0.3)
+        threads = threading.active_count()
+        started = time.monotonic()
+        assert exchange(ops.port, GET_HEALTHZ) == 503
+        assert time.monotonic() - started < 0.5
+        assert threading.active_count() <= threads
+        for sock in held:  # given up at the deadline: closed, nothing triggered
+            assert read_until_closed(sock) == b""
+            sock.close()
+        assert exchange(ops.port, GET_HEALTHZ) == 200
+        assert trigger_calls == []
+    finally:
+        ops.stop()
+
+
+def test_no_body_is_read_for_an_unknown_path(metrics: Metrics, health: HealthState) -> None:
+    ops = make_server(metrics, health, [], token=None)
+    try:
+        # The announced body is never sent: the answer must not wait for it.
+        assert exchange(ops.port, post("/nope", "Content-Length: 60000")) == 404
+    finally:
+        ops.stop()
+
+
+def test_no_body_is_read_from_an_unauthorised_client(
+    metrics: Metrics, health: HealthState, trigger_calls: list[int]
+) -> None:
+    remote = non_loopback_address()
+    if remote is None:
+        pytest.skip("this host has no non-loopback IPv4 address to call from")
+    for token, refused in ((None, 403), ("s3cr3t-token", 401)):
+        ops = make_server(metrics, health, trigger_calls, token=token, host="0.0.0.0")
+        try:
+            assert exchange(ops.port, post("/retrain", "Content-Length: 60000"), host=remote) == refused
+        finally:
+            ops.stop()
+    assert trigger_calls == []
+
+
+def test_an_empty_token_never_authorises(
+    metrics: Metrics, health: HealthState, trigger_calls: list[int]
+) -> None:
+    remote = non_loopback_address()
+    if remote is None:
+        pytest.skip("this host has no non-loopback IPv4 address to call from")
+    ops = make_server(metrics, health, trigger_calls, token="", host="0.0.0.0")
+    try:
+        for authorization in ("Authorization: Bearer ", "Authorization: Bearer", "X-None: 1"):
+            request_bytes = post("/retrain", authorization, "Content-Length: 0")
+            assert exchange(ops.port, request_bytes, host=remote) == 403  # as if no token were set
+        assert trigger_calls == []
+    finally:
+        ops.stop()
+
+
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [
+        ("Content-Length: abc", 400),
+        ("Content-Length: -1", 400),
+        ("Content-Length: 1.5", 400),
+        ("Content-Length: 5, 6", 400),
+        ("Content-Length: 5\r\nContent-Length: 6", 400),
+        ("Content-Length: ", 400),
+        ("Transfer-Encoding: chunked", 411),
+    ],
+)
+def test_a_bad_content_length_is_refused(
+    metrics: Metrics, health: HealthState, trigger_calls: list[int], header: str, status: int
+) -> None:
+    ops = make_server(metrics, health, trigger_calls, token=None)
+    try:
+        assert exchange(ops.port, post("/retrain", header)) == status
+        assert trigger_calls == []
+    finally:
+        ops.stop()
+
+
+def test_a_body_over_the_cap_is_refused_unread(
+    metrics: Metrics, health: HealthState, trigger_calls: list[int]
+) -> None:
+    ops = make_server(metrics, health, trigger_calls, token=None)
+    try:
+        assert exchange(ops.port, post("/retrain", "Content-Length: 10000000")) == 413
+        body = b"{}"
+        small = post("/retrain", f"Content-Length: {len(body)}") + body
+        assert exchange(ops.port, small) == 202  # a small body is read and ignored
+        assert trigger_calls == [1]
+    finally:
+        ops.stop()
+
+
+# ------------------------------------------------------------------ readiness: the producer
+
+
+def test_readiness_follows_the_producers_deliveries(
+    server: OpsServer, health: HealthState, metrics: Metrics, clock: Clock
+) -> None:
+    def gauge() -> float:
+        return metrics.registry.get_sample_value("stream_classifier_ready") or 0.0
+
+    health.set_model_loaded(True)
+    health.set_consumer_joined(True)
+    health.set_producer_connected(True)  # the clients were created
+    status, body, _ = request(server, "/readyz")
+    assert status == 200
+    assert json.loads(body)["seconds_since_delivery"] is None  # nothing delivered yet
+    health.set_producer_connected(False)  # a delivery failed, the brokers may recover
+    status, body, _ = request(server, "/readyz")
+    assert status == 503
+    assert json.loads(body)["producer_connected"] is False
+    assert gauge() == 0
+    health.producer_acknowledged()  # acknowledgements arrive again
+    clock.now += 2.5
+    status, body, _ = request(server, "/readyz")
+    assert status == 200
+    assert json.loads(body)["seconds_since_delivery"] == 2.5
+    assert gauge() == 1
+    health.set_producer_connected(False)  # closed for a reconnect
+    assert request(server, "/readyz")[0] == 503
+    assert gauge() == 0
