@@ -1,5 +1,6 @@
 """deploy/Dockerfile (hadolint, invariants) and deploy/docker-compose*.yml (parses, refers
-only to files, services, volumes and settings that exist)."""
+only to files, services, volumes and settings that exist, publishes on loopback only, ships
+no secret)."""
 
 from __future__ import annotations
 
@@ -176,6 +177,44 @@ def test_compose_wires_prometheus_and_grafana_to_the_classifier(compose: dict[st
     kafka_init = compose["services"]["kafka-init"]
     script = kafka_init["command"][-1]
     assert any(v.endswith(f":{script}:ro") for v in kafka_init["volumes"])
+
+
+def published(port: str | dict[str, Any]) -> tuple[str, str]:
+    """(host address, host port) of one ``ports`` entry; an empty address is every interface."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", "")), str(port.get("published", ""))
+    parts = str(port).rsplit(":", 2)
+    return (parts[0], parts[1]) if len(parts) == 3 else ("", parts[0])
+
+
+def test_compose_publishes_every_port_on_loopback_only(compose: dict[str, Any]) -> None:
+    ports = {
+        (name, published(port))
+        for name, service in compose["services"].items()
+        for port in service.get("ports", [])
+    }
+    assert {name for name, _ in ports} == {"kafka", "classifier", "prometheus", "grafana"}
+    for name, (address, port) in ports:
+        assert address in ("127.0.0.1", "[::1]"), f"{name} publishes {port} on {address or 'every interface'}"
+
+
+# ${VAR:?message}: compose refuses to start while VAR is unset or empty.
+REQUIRED_VARIABLE = re.compile(r"^\$\{[A-Z_][A-Z0-9_]*:\?[^}]+\}$")
+
+
+def test_compose_ships_no_secret_only_variables_the_user_must_set(compose: dict[str, Any]) -> None:
+    secrets = {
+        (name, key): str(value)
+        for name, service in compose["services"].items()
+        for key, value in (service.get("environment") or {}).items()
+        if re.search(r"PASSWORD|TOKEN|SECRET|SASL_USERNAME", key)
+    }
+    assert ("grafana", "GF_SECURITY_ADMIN_PASSWORD") in secrets  # else Grafana's admin is admin/admin
+    assert ("classifier", "STREAM_CLASSIFIER_RETRAIN__API_TOKEN") in secrets
+    for (name, key), value in secrets.items():
+        assert REQUIRED_VARIABLE.match(value), f"{name}: {key} must be ${{VAR:?...}}, not {value!r}"
+    assert compose["services"]["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert ".env" in (DEPLOY / ".gitignore").read_text().split()  # where users may keep them
 
 
 def test_gpu_override_reserves_a_gpu_for_the_classifier(compose: dict[str, Any]) -> None:
