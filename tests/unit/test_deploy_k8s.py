@@ -1,9 +1,11 @@
 """deploy/k8s: schema validation (kubernetes-validate, offline), structure of the custom
-resources, and consistency between the manifests and the settings they configure."""
+resources, consistency between the manifests and the settings they configure, no shipped
+secret, and a NetworkPolicy that admits only the scraper and the brokers."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -95,7 +97,6 @@ def test_builtin_manifests_validate_against_the_kubernetes_schemas(manifests: li
     assert {
         "Namespace",
         "ConfigMap",
-        "Secret",
         "Deployment",
         "Service",
         "PodDisruptionBudget",
@@ -103,6 +104,7 @@ def test_builtin_manifests_validate_against_the_kubernetes_schemas(manifests: li
         "Job",
         "ServiceMonitor",
         "ScaledObject",
+        "NetworkPolicy",
     } <= kinds
 
 
@@ -140,7 +142,61 @@ def test_every_setting_variable_is_a_real_setting(
         monkeypatch.setenv(name, value)
     settings = load_settings()
     assert settings.retrain.enabled is True
-    assert settings.kafka.sasl_password is not None
+
+
+SECRET_NAME = "stream-classifier-kafka"
+
+
+def test_no_secret_is_shipped_only_referenced(manifests: list[Manifest]) -> None:
+    # A shipped Secret is a guessable default, and applying it overwrites the user's own.
+    assert [m["metadata"]["name"] for m in manifests if m["kind"] == "Secret"] == []
+    secret_like = [key for key in env_of(manifests) if re.search(r"PASSWORD|TOKEN|SECRET|SASL_USERNAME", key)]
+    assert secret_like == []
+    for manifest in manifests:
+        if manifest["kind"] in ("Deployment", "Job"):
+            for c in manifest["spec"]["template"]["spec"]["containers"]:
+                assert {"secretRef": {"name": SECRET_NAME, "optional": True}} in c["envFrom"]
+    kustomization = (BASE / "kustomization.yaml").read_text()
+    assert f"create secret generic {SECRET_NAME}" in kustomization  # how to create it
+
+
+def pods(manifests: list[Manifest]) -> dict[str, dict[str, str]]:
+    """The pod template labels of every workload."""
+    return {
+        m["metadata"]["name"]: m["spec"]["template"]["metadata"]["labels"]
+        for m in manifests
+        if m["kind"] in ("Deployment", "Job")
+    }
+
+
+def test_network_policy_admits_only_the_scraper_and_the_brokers(
+    manifests: list[Manifest], settings_env: dict[str, str]
+) -> None:
+    spec = find(manifests, "NetworkPolicy")["spec"]
+    selector = spec["podSelector"]["matchLabels"]
+    assert selector and all(selector.items() <= labels.items() for labels in pods(manifests).values())
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]  # both default-deny
+
+    [ingress] = spec["ingress"]
+    assert ingress["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    [scraper] = ingress["from"]
+    # One peer holding both selectors (AND); two peers would admit the whole namespace (OR).
+    assert set(scraper) == {"namespaceSelector", "podSelector"}
+    assert scraper["namespaceSelector"]["matchLabels"] and scraper["podSelector"]["matchLabels"]
+    monitor = find(manifests, "ServiceMonitor")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+
+    host, port = settings_env["STREAM_CLASSIFIER_KAFKA__BOOTSTRAP_SERVERS"].split(",")[0].rsplit(":", 1)
+    broker_namespace = host.split(".")[1]  # <service>.<namespace>.svc
+    brokers, dns = spec["egress"]
+    assert brokers == {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": broker_namespace}}}],
+        "ports": [{"protocol": "TCP", "port": int(port)}],
+    }
+    assert sorted((p["protocol"], p["port"]) for p in dns["ports"]) == [("TCP", 53), ("UDP", 53)]
+    [resolver] = dns["to"]
+    assert resolver["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+    assert resolver["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
 
 
 def test_deployments_probes_security_and_resources(
