@@ -10,15 +10,21 @@ probabilities:
 - ``ovr``: ``sigmoid`` per class, then each row divided by its sum (scikit-learn's
   one-vs-rest ``predict_proba`` for single-label data).
 
-Invariant: :meth:`LinearHead.predict_proba` and the module from :meth:`LinearHead.to_torch`
-equal scikit-learn's ``predict_proba`` (numpy: float64 exact to rounding; torch fp32
-within 1e-5).
+Invariants:
+
+- :meth:`LinearHead.predict_proba` and the module from :meth:`LinearHead.to_torch` equal
+  scikit-learn's ``predict_proba`` (numpy: float64 exact to rounding; torch fp32 within 1e-5);
+- every :class:`LinearHead` is valid, whatever file it came from: ``coef`` and
+  ``intercept`` are finite float64 copies of real-number arrays with consistent shapes; at
+  least two class names, distinct, non-empty, UTF-8-encodable (no lone surrogates) and at
+  most :data:`MAX_CLASS_NAME_CHARS` characters; ``multi_class`` one of :data:`MultiClass`.
+  Anything else raises :class:`ModelError` when the head is built.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -30,6 +36,9 @@ from sklearn.preprocessing import LabelBinarizer
 from stream_classifier.errors import ModelError
 
 MultiClass = Literal["multinomial", "ovr"]
+MAX_CLASS_NAME_CHARS = 200
+"""Longest class name a head may carry, in characters (names travel in every output record)."""
+_FIX_LABELS = "fix the labels in config_setfit.json (or head.json), or retrain with valid label names"
 
 
 def _softmax(z: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -54,15 +63,22 @@ class LinearHead:
     multi_class: MultiClass = "multinomial"
 
     def __post_init__(self) -> None:
-        k = len(self.classes)
-        rows = self.coef.shape[0]
-        if self.coef.ndim != 2 or self.intercept.shape != (rows,):
-            shapes = f"coef {self.coef.shape}, intercept {self.intercept.shape}"
-            raise ModelError(f"head shapes do not fit: {shapes}")
-        if k < 2 or rows not in ({1, k} if k == 2 else {k}):
+        coef, intercept = _finite_floats(self.coef, "coef"), _finite_floats(self.intercept, "intercept")
+        object.__setattr__(self, "coef", coef)
+        object.__setattr__(self, "intercept", intercept)
+        if coef.ndim != 2 or 0 in coef.shape or intercept.shape != coef.shape[:1]:
+            shapes = f"coef {coef.shape}, intercept {intercept.shape}"
+            raise ModelError(
+                f"head shapes do not fit: {shapes}; expected coef (classes, dim) and intercept (classes,)"
+            )
+        _check_class_names(self.classes)
+        k, rows = len(self.classes), coef.shape[0]
+        if rows not in ({1, k} if k == 2 else {k}):
             raise ModelError(f"head has {rows} coefficient rows for {k} classes")
-        if len(set(self.classes)) != k:
-            raise ModelError(f"head class names are not unique: {self.classes}")
+        if self.multi_class not in get_args(MultiClass):
+            raise ModelError(
+                f"head multi_class {self.multi_class!r} is unknown: expected one of {get_args(MultiClass)}"
+            )
 
     @property
     def dim(self) -> int:
@@ -173,30 +189,99 @@ class TorchLinearHead(torch.nn.Module):
             return torch.softmax(z, dim=1)
 
 
-def _names(classes: NDArray[Any], class_names: list[str] | None) -> list[str]:
-    values = list(np.asarray(classes).tolist())
+def _finite_floats(value: Any, what: str) -> NDArray[np.float64]:
+    """A float64 copy of ``value``, which must be a real-number array (bool, int, float) of finite values."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged nested lists, objects numpy cannot convert
+        raise ModelError(f"the head's {what} is not a numeric array ({exc})") from None
+    if array.dtype.kind not in "biuf":
+        raise ModelError(f"the head's {what} holds {array.dtype} values, not numbers: re-save the head")
+    floats = array.astype(np.float64)
+    if not np.isfinite(floats).all():
+        raise ModelError(f"the head's {what} holds NaN or infinite values: retrain the model")
+    return floats
+
+
+def _check_class_names(classes: Any) -> None:
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise ModelError(
+            f"head class names must be a list of strings, not {type(classes).__name__}: {_FIX_LABELS}"
+        )
+    if len(classes) < 2:
+        raise ModelError(f"head has {len(classes)} classes; a classifier needs at least two: {_FIX_LABELS}")
+    for name in classes:
+        if not name:
+            raise ModelError(f"a head class name is empty: {_FIX_LABELS}")
+        if len(name) > MAX_CLASS_NAME_CHARS:
+            raise ModelError(
+                f"head class name {name[:40]!r}... is over {MAX_CLASS_NAME_CHARS} characters: {_FIX_LABELS}"
+            )
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ModelError(
+                f"head class name {name!r} is not UTF-8 text (a lone surrogate): {_FIX_LABELS}"
+            ) from None
+    if len(set(classes)) != len(classes):
+        raise ModelError(f"head class names are not unique: {_shown(classes)}: {_FIX_LABELS}")
+
+
+_CLASS_VALUES = (str, int, float)  # bool is an int
+
+
+def _names(classes: Any, class_names: list[str] | None) -> list[str]:
+    """Class names for a ``classes_`` array; integer classes index ``class_names`` when given."""
+    try:
+        array = np.asarray(classes)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"the head's classes_ is not an array ({exc})") from None
+    values = array.tolist() if array.ndim == 1 else None
+    if not values or not all(isinstance(v, _CLASS_VALUES) for v in values):
+        raise ModelError(f"the head's classes_ must be a 1-d array of class values, not {_shown(classes)}")
     if class_names and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        if not all(0 <= int(v) < len(class_names) for v in values):
+        if not all(0 <= v < len(class_names) for v in values):
             raise ModelError(f"head classes {values} do not index the {len(class_names)} config labels")
-        return [class_names[int(v)] for v in values]
+        return [class_names[v] for v in values]
     return [str(v) for v in values]
 
 
-def _array(state: dict[str, Any], key: str, owner: str) -> NDArray[np.float64]:
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _required(state: dict[str, Any], key: str, owner: str) -> Any:
     value = state.get(key)
-    if value is None:
-        raise ModelError(f"the {owner} head has no '{key}': it was never fitted")
-    return np.asarray(value, dtype=np.float64)
+    if value is None or (key == "classes_" and np.size(value) == 0):
+        raise ModelError(f"the {owner} head has no '{key}': it was never fitted, or the file is damaged")
+    return value
+
+
+_OVR_ESTIMATORS = "the one-vs-rest head must wrap fitted binary LogisticRegression estimators"
+_LR_MULTI_CLASS = ("auto", "ovr", "multinomial", "deprecated")  # "deprecated": scikit-learn 1.5-1.7's "auto"
 
 
 def _lr_multi_class(state: dict[str, Any], n_classes: int) -> MultiClass:
     """Which probability rule a LogisticRegression used (old pickles may say ``ovr``)."""
     setting = state.get("multi_class", "auto")
+    if not isinstance(setting, str) or setting not in _LR_MULTI_CLASS:
+        raise ModelError(
+            f"the LogisticRegression head's multi_class {_shown(setting)} is unknown: "
+            f"expected one of {_LR_MULTI_CLASS}"
+        )
     if n_classes <= 2:
         return "multinomial"
-    if setting == "ovr" or (setting == "auto" and state.get("solver") == "liblinear"):
+    if setting == "ovr" or (setting in ("auto", "deprecated") and state.get("solver") == "liblinear"):
         return "ovr"
     return "multinomial"
+
+
+def _state_of(estimator: Any) -> dict[str, Any]:
+    state = getattr(estimator, "__dict__", None)
+    if not isinstance(state, dict):
+        raise ModelError(_OVR_ESTIMATORS)
+    return state
 
 
 def head_from_state(kind: str, state: dict[str, Any], class_names: list[str] | None) -> LinearHead:
@@ -207,12 +292,12 @@ def head_from_state(kind: str, state: dict[str, Any], class_names: list[str] | N
     objects exposing ``__dict__``.
     """
     if kind == "LogisticRegression":
-        classes = np.asarray(state.get("classes_"))
-        coef = _array(state, "coef_", kind)
-        intercept = _array(state, "intercept_", kind).reshape(-1)
-        if intercept.shape[0] != coef.shape[0]:  # fit_intercept=False leaves a scalar 0.0
-            intercept = np.zeros(coef.shape[0])
-        return LinearHead(coef, intercept, _names(classes, class_names), _lr_multi_class(state, classes.size))
+        names = _names(_required(state, "classes_", kind), class_names)
+        coef = _finite_floats(_required(state, "coef_", kind), "coef_")
+        intercept = _finite_floats(_required(state, "intercept_", kind), "intercept_")
+        if intercept.ndim == 0 and coef.ndim == 2:  # liblinear with fit_intercept=False leaves a scalar 0.0
+            intercept = np.full(coef.shape[0], intercept)
+        return LinearHead(coef, intercept, names, _lr_multi_class(state, len(names)))
     if kind == "OneVsRestClassifier":
         binarizer = state.get("label_binarizer_")
         if binarizer is not None and getattr(binarizer, "y_type_", "multiclass") == "multilabel-indicator":
@@ -220,14 +305,19 @@ def head_from_state(kind: str, state: dict[str, Any], class_names: list[str] | N
                 "this head is multi-label (one-vs-rest over label sets); stream-classifier serves "
                 "single-label models only"
             )
-        estimators = state.get("estimators_") or []
-        rows = [head_from_state("LogisticRegression", vars(est), None) for est in estimators]
+        estimators = state.get("estimators_")
+        if not isinstance(estimators, list | tuple):
+            raise ModelError(_OVR_ESTIMATORS)
+        rows = [head_from_state("LogisticRegression", _state_of(est), None) for est in estimators]
         if not rows or any(r.coef.shape[0] != 1 for r in rows):
-            raise ModelError("the one-vs-rest head must wrap fitted binary LogisticRegression estimators")
-        classes = np.asarray(state.get("classes_"))
+            raise ModelError(_OVR_ESTIMATORS)
+        if len({r.dim for r in rows}) != 1:
+            raise ModelError(
+                f"the one-vs-rest head's estimators differ in embedding dim: {_shown([r.dim for r in rows])}"
+            )
         coef = np.concatenate([r.coef for r in rows])
         intercept = np.concatenate([r.intercept for r in rows])
-        names = _names(classes, class_names)
+        names = _names(_required(state, "classes_", kind), class_names)
         if len(rows) == 1:  # a binary problem: one estimator for the positive class
             return LinearHead(coef, intercept, names, "multinomial")
         return LinearHead(coef, intercept, names, "ovr")

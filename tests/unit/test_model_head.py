@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
 from stream_classifier.errors import ModelError
-from stream_classifier.model.head import LinearHead, head_from_state
+from stream_classifier.model.head import MAX_CLASS_NAME_CHARS, LinearHead, head_from_state
 
 
 def _data(k: int, n: int = 60, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -87,3 +87,141 @@ def test_unfitted_and_inconsistent_heads_are_model_errors() -> None:
         LinearHead(np.zeros((3, 4)), np.zeros(3), ["a", "b"])
     with pytest.raises(ModelError, match="unsupported head type"):
         LinearHead.from_sklearn(object())
+
+
+# --------------------------------------------------------------------------- hostile heads
+
+_COEF = np.ones((3, 4))
+_INTERCEPT = np.zeros(3)
+_NAMES = ["a", "b", "c"]
+
+
+def _lr(**changes: object) -> dict[str, object]:
+    """A fitted three-class LogisticRegression's state, with ``changes`` applied (None deletes)."""
+    state: dict[str, object] = {"classes_": np.arange(3), "coef_": _COEF, "intercept_": _INTERCEPT}
+    state.update(changes)
+    return {key: value for key, value in state.items() if value is not None}
+
+
+HOSTILE_LR_STATES: dict[str, tuple[dict[str, object], str]] = {
+    "nan coef": (_lr(coef_=np.where(np.eye(3, 4) > 0, np.nan, 1.0)), "NaN or infinite"),
+    "inf coef": (_lr(coef_=np.full((3, 4), np.inf)), "NaN or infinite"),
+    "nan intercept": (_lr(intercept_=np.array([0.0, np.nan, 0.0])), "NaN or infinite"),
+    "-inf intercept": (_lr(intercept_=np.array([0.0, 0.0, -np.inf])), "NaN or infinite"),
+    "nan scalar intercept": (_lr(intercept_=float("nan")), "NaN or infinite"),
+    "1-d coef": (_lr(coef_=np.ones(4)), "shapes do not fit"),
+    "3-d coef": (_lr(coef_=np.ones((3, 4, 1))), "shapes do not fit"),
+    "0-d coef": (_lr(coef_=1.0), "shapes do not fit"),
+    "no embedding columns": (_lr(coef_=np.ones((3, 0))), "shapes do not fit"),
+    "coef rows do not match classes": (
+        _lr(coef_=np.ones((2, 4)), intercept_=np.zeros(2)),
+        "coefficient rows",
+    ),
+    "intercept too short": (_lr(intercept_=np.zeros(2)), "shapes do not fit"),
+    "intercept 2-d": (_lr(intercept_=np.zeros((3, 1))), "shapes do not fit"),
+    "string coef": (_lr(coef_=np.full((3, 4), "1.5")), "not numbers"),
+    "object coef": (_lr(coef_=np.full((3, 4), None, dtype=object)), "not numbers"),
+    "complex coef": (_lr(coef_=np.ones((3, 4), dtype=complex)), "not numbers"),
+    "ragged coef": (_lr(coef_=[[1.0, 2.0], [3.0]]), "not a numeric array"),
+    "a dict as coef": (_lr(coef_={"a": 1}), "not numbers"),
+    "no coef_": (_lr(coef_=None), "no 'coef_'"),
+    "no intercept_": (_lr(intercept_=None), "no 'intercept_'"),
+    "no classes_": (_lr(classes_=None), "no 'classes_'"),
+    "0 classes": (_lr(classes_=np.array([], dtype=int)), "no 'classes_'"),
+    "1 class": (_lr(classes_=np.array([0]), coef_=np.ones((1, 4)), intercept_=np.zeros(1)), "at least two"),
+    "2-d classes_": (_lr(classes_=np.arange(3).reshape(3, 1)), "classes_"),
+    "objects as classes_": (_lr(classes_=np.array([object(), object(), object()])), "classes_"),
+    "duplicate classes": (_lr(classes_=np.array(["x", "x", "y"])), "not unique"),
+    "surrogate class name": (_lr(classes_=np.array(["a", "\ud800", "c"])), "UTF-8"),
+    "over-long class name": (_lr(classes_=np.array(["a", "b" * 201, "c"])), "over 200 characters"),
+    "empty class name": (_lr(classes_=np.array(["a", "", "c"])), "empty"),
+    "unknown multi_class": (_lr(multi_class="crammer_singer"), "multi_class"),
+    "non-string multi_class": (_lr(multi_class=["ovr"]), "multi_class"),
+    "classes do not index the labels": (_lr(classes_=np.array([0, 1, 7])), "do not index"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_LR_STATES))
+def test_hostile_logistic_regression_states_are_model_errors(case: str) -> None:
+    state, message = HOSTILE_LR_STATES[case]
+    with pytest.raises(ModelError, match=message):
+        head_from_state("LogisticRegression", state, _NAMES)
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["a", "\udcff", "c"], "UTF-8"),
+        (["a", "a", "c"], "not unique"),
+        (["a", "é" * 201, "c"], "over 200 characters"),
+        (["a", "", "c"], "empty"),
+    ],
+)
+def test_hostile_config_labels_are_model_errors(names: list[str], message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        head_from_state("LogisticRegression", _lr(), names)
+
+
+def test_class_names_at_the_bound_load() -> None:
+    names = ["a", "é" * MAX_CLASS_NAME_CHARS, "\U0001f600"]
+    assert head_from_state("LogisticRegression", _lr(), names).classes == names
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"coef": np.array([[np.nan] * 4] * 3)}, "NaN or infinite"),
+        ({"intercept": np.array([np.inf, 0, 0])}, "NaN or infinite"),
+        ({"coef": np.ones((3, 4), dtype="U3")}, "not numbers"),
+        ({"classes": ["a", "b", 3]}, "strings"),
+        ({"classes": "abc"}, "strings"),
+        ({"classes": []}, "at least two"),
+        ({"multi_class": "softmax"}, "multi_class"),
+        ({"multi_class": None}, "multi_class"),
+    ],
+)
+def test_linear_head_refuses_hostile_fields(changes: dict[str, object], message: str) -> None:
+    fields: dict[str, object] = {"coef": _COEF, "intercept": _INTERCEPT, "classes": _NAMES}
+    fields.update(changes)
+    with pytest.raises(ModelError, match=message):
+        LinearHead(**fields)  # type: ignore[arg-type]
+
+
+def test_linear_head_keeps_float64_copies() -> None:
+    coef = np.ones((3, 4), dtype=np.float32)
+    head = LinearHead(coef, np.zeros(3, dtype=np.int64), _NAMES)
+    assert head.coef.dtype == head.intercept.dtype == np.float64
+    coef[0, 0] = 7.0
+    assert head.coef[0, 0] == 1.0
+
+
+class _Estimator:
+    def __init__(self, **state: object) -> None:
+        self.__dict__.update(state)
+
+
+def _binary(dim: int = 4) -> _Estimator:
+    return _Estimator(classes_=np.arange(2), coef_=np.ones((1, dim)), intercept_=np.zeros(1))
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"classes_": np.arange(3)}, "fitted binary"),
+        ({"classes_": np.arange(3), "estimators_": np.array([1, 2, 3])}, "fitted binary"),
+        ({"classes_": np.arange(3), "estimators_": 3}, "fitted binary"),
+        ({"classes_": np.arange(3), "estimators_": [_binary(), 5, _binary()]}, "fitted binary"),
+        ({"classes_": np.arange(3), "estimators_": [_binary(), _binary(5), _binary()]}, "embedding dim"),
+        ({"classes_": np.arange(2), "estimators_": [_binary(), _binary(), _binary()]}, "coefficient rows"),
+        (
+            {
+                "classes_": np.arange(3),
+                "estimators_": [_binary(), _binary(), _Estimator(coef_=np.ones((1, 4)))],
+            },
+            "no 'classes_'",
+        ),
+    ],
+)
+def test_hostile_one_vs_rest_states_are_model_errors(state: dict[str, object], message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        head_from_state("OneVsRestClassifier", state, _NAMES)
