@@ -18,25 +18,26 @@ and, written by stream-classifier in addition:
 Invariants:
 
 - ``model_head.pkl`` is never unpickled without restriction unless the caller passes
-  ``trusted=True``. The restricted reader resolves only the numpy/joblib array classes and
-  stand-ins for the scikit-learn estimator classes, whose attributes it captures as plain
-  data; anything else raises before it is called.
+  ``trusted=True``; the restricted reader (:mod:`stream_classifier.model.safe_pickle`)
+  builds plain data and plain-dtype arrays only.
 - ``head.json`` records the sha256 of the ``model_head.pkl`` saved with it; if the pickle
   was replaced since, the pickle is the truth and is read (restricted) instead.
+- Whatever a directory holds, loading it returns a valid head (see
+  :mod:`stream_classifier.model.head`) or raises :class:`ModelError` naming the file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
-import pickle
 import secrets
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +45,6 @@ from typing import Any
 
 import joblib
 import numpy as np
-from joblib.numpy_pickle import NumpyArrayWrapper, NumpyUnpickler, _validate_fileobject_and_memmap
 from pydantic import BaseModel, Field
 from safetensors.numpy import load_file, save_file
 from sentence_transformers import SentenceTransformer
@@ -52,6 +52,7 @@ from sentence_transformers import SentenceTransformer
 from stream_classifier.errors import ModelError, UnsafeModelError
 from stream_classifier.model.examples import Example, read_examples
 from stream_classifier.model.head import LinearHead, head_from_state
+from stream_classifier.model.safe_pickle import CONVERT_SETFIT_HEAD_HELP, Captured, load_restricted
 from stream_classifier.ops.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,8 @@ EXAMPLES_FILE = "training_examples.jsonl"
 SAFE_HEAD_FORMAT = "stream-classifier/linear-head"
 SAFE_HEAD_FORMAT_VERSION = 1
 
-CONVERT_SETFIT_HEAD_HELP = (
-    "this model has a setfit differentiable head (SetFitHead), which stream-classifier cannot "
-    "read without the setfit package. Convert it once, where setfit is installed: load it with "
-    "SetFitModel.from_pretrained(DIR) and replace model_head with a LogisticRegression whose "
-    "coef_/intercept_ are model_head.linear's weight/bias and classes_ = numpy.arange(k) (exact "
-    "for out_features > 1 and temperature 1), then save it; or retrain with a LogisticRegression "
-    "head (see README: 'Models, training and the command line')"
-)
+MAX_VERSION_CHARS = 200
+"""Longest model version id (it names a store directory and travels in every output record)."""
 
 
 class TrainingData(BaseModel):
@@ -85,7 +80,7 @@ class TrainingData(BaseModel):
 class ModelMetadata(BaseModel):
     """What a model directory says about itself (``model_metadata.json``)."""
 
-    version: str
+    version: str = Field(min_length=1, max_length=MAX_VERSION_CHARS)
     created_at: str
     base_model: str = "unknown"
     labels: list[str]
@@ -124,112 +119,33 @@ def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-# --------------------------------------------------------------------------- restricted unpickling
+# --------------------------------------------------------------------------- the pickled head
 
 
-class _Captured:
-    """Stand-in for a scikit-learn class: keeps the pickled attributes, runs nothing."""
-
-    kind = ""
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple):  # (dict state, slot state)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if not isinstance(state, dict):
-            raise pickle.UnpicklingError(f"unexpected pickled state for {self.kind}")
-        self.__dict__.update(state)
-
-
-class _CapturedLogisticRegression(_Captured):
-    kind = "LogisticRegression"
-
-
-class _CapturedOneVsRest(_Captured):
-    kind = "OneVsRestClassifier"
-
-
-class _CapturedLabelBinarizer(_Captured):
-    kind = "LabelBinarizer"
-
-
-_SKLEARN_STANDINS: dict[str, type[_Captured]] = {
-    "LogisticRegression": _CapturedLogisticRegression,
-    "OneVsRestClassifier": _CapturedOneVsRest,
-    "LabelBinarizer": _CapturedLabelBinarizer,
-}
-_NUMPY_ALLOWED = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-}
-
-
-class _DisallowedGlobal(pickle.UnpicklingError):
-    def __init__(self, module: str, name: str) -> None:
-        super().__init__(f"{module}.{name}")
-        self.module = module
-        self.name = name
-
-
-def _restricted_find_class(module: str, name: str) -> Any:
-    if module.startswith("sklearn.") and name in _SKLEARN_STANDINS:
-        return _SKLEARN_STANDINS[name]
-    if (module, name) in _NUMPY_ALLOWED:
-        return getattr(importlib.import_module(module), name)
-    if (module, name) == ("joblib.numpy_pickle", "NumpyArrayWrapper"):
-        return _SafeArrayWrapper
-    raise _DisallowedGlobal(module, name)
-
-
-class _RestrictedPickleUnpickler(pickle.Unpickler):
-    """Plain pickle stream (joblib's nested object arrays) under the same restriction."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        return _restricted_find_class(module, name)
-
-
-class _SafeArrayWrapper(NumpyArrayWrapper):  # type: ignore[misc]
-    """joblib's array wrapper, reading object arrays through the restricted resolver too."""
-
-    def read_array(self, unpickler: Any, ensure_native_byte_order: Any) -> Any:
-        if self.dtype.hasobject:
-            return _RestrictedPickleUnpickler(unpickler.file_handle).load()
-        return super().read_array(unpickler, ensure_native_byte_order)
-
-
-class _RestrictedNumpyUnpickler(NumpyUnpickler):  # type: ignore[misc]
-    def find_class(self, module: str, name: str) -> Any:
-        return _restricted_find_class(module, name)
-
-
-def _restricted_joblib_load(path: Path) -> Any:
-    with path.open("rb") as handle, _validate_fileobject_and_memmap(handle, str(path), None) as (fobj, _):
-        if isinstance(fobj, str):  # joblib < 0.10 companion-file format
-            raise pickle.UnpicklingError("joblib format older than 0.10 is not supported")
-        return _RestrictedNumpyUnpickler(str(path), fobj, "auto").load()
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Prefix a :class:`ModelError` raised inside with the file it is about (same class)."""
+    try:
+        yield
+    except ModelError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
 
 
 def _head_from_pickle(path: Path, labels: list[str] | None, *, trusted: bool) -> LinearHead:
     try:
-        obj = _restricted_joblib_load(path)
-    except _DisallowedGlobal as exc:
-        if exc.name == "SetFitHead" or exc.module.startswith("setfit"):
-            raise ModelError(f"{path}: {CONVERT_SETFIT_HEAD_HELP}") from None
+        with _naming(path):
+            obj = load_restricted(path)
+    except UnsafeModelError as exc:
         if not trusted:
             raise UnsafeModelError(
-                f"{path} needs {exc.module}.{exc.name}, which the safe head reader does not allow. "
-                "Unpickling it fully can run arbitrary code: only if you made or trust this "
+                f"{exc}. Unpickling it fully can run arbitrary code: only if you made or trust this "
                 "directory, pass --trusted (setting model.trusted=true)"
             ) from None
         return _head_from_trusted_pickle(path, labels)
-    except Exception as exc:  # a corrupt pickle fails in many ways (struct, EOF, value, ...)
-        raise ModelError(f"{path}: not a readable joblib head pickle ({exc})") from None
-    if not isinstance(obj, _Captured):
+    if not isinstance(obj, Captured):
         raise ModelError(f"{path}: the head pickle holds {type(obj).__name__}, not a LogisticRegression")
-    return head_from_state(obj.kind, vars(obj), labels)
+    with _naming(path):
+        return head_from_state(type(obj).kind, vars(obj), labels)
 
 
 def _head_from_trusted_pickle(path: Path, labels: list[str] | None) -> LinearHead:
@@ -240,9 +156,12 @@ def _head_from_trusted_pickle(path: Path, labels: list[str] | None) -> LinearHea
             obj = joblib.load(path)
     except ModuleNotFoundError as exc:
         raise ModelError(f"{path}: the head needs the missing module {exc.name!r}") from None
+    except Exception as exc:  # the pickle's own code failed: a broken or foreign file
+        raise ModelError(f"{path}: unpickling the head failed ({type(exc).__name__}: {exc})") from None
     if type(obj).__name__ == "SetFitHead":
         raise ModelError(f"{path}: {CONVERT_SETFIT_HEAD_HELP}")
-    return LinearHead.from_sklearn(obj, labels)
+    with _naming(path):
+        return LinearHead.from_sklearn(obj, labels)
 
 
 # --------------------------------------------------------------------------- safe head format
@@ -271,18 +190,25 @@ def _write_safe_head(head: LinearHead, directory: Path, pickle_sha256: str) -> N
     (directory / SAFE_HEAD_JSON).write_text(json.dumps(spec, indent=2), encoding="utf-8")
 
 
+def _unreadable_safe_head(path: Path, detail: str) -> ModelError:
+    return ModelError(f"{path}: unreadable safe head ({detail}); delete head.json to use model_head.pkl")
+
+
 def _read_safe_head(directory: Path) -> LinearHead | None:
     """The safe head, or None when absent or stale (the pickle changed since it was written)."""
-    spec_path = directory / SAFE_HEAD_JSON
-    if not spec_path.is_file() or not (directory / SAFE_HEAD_TENSORS).is_file():
+    spec_path, tensors_path = directory / SAFE_HEAD_JSON, directory / SAFE_HEAD_TENSORS
+    if not spec_path.is_file() or not tensors_path.is_file():
         return None
     try:
         spec = json.loads(spec_path.read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / SAFE_HEAD_TENSORS))
-    except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"{directory}: unreadable safe head ({exc}); delete head.json to use model_head.pkl"
-        ) from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise _unreadable_safe_head(spec_path, f"{type(exc).__name__}: {exc}") from None
+    try:
+        tensors = load_file(str(tensors_path))
+    except Exception as exc:  # safetensors' own error type, OSError, numpy's dtype errors, ...
+        raise _unreadable_safe_head(tensors_path, f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ModelError(f"{spec_path}: not a JSON object; delete head.json to use model_head.pkl")
     if spec.get("format") != SAFE_HEAD_FORMAT or spec.get("format_version") != SAFE_HEAD_FORMAT_VERSION:
         found = f"{spec.get('format')!r} v{spec.get('format_version')!r}"
         raise ModelError(f"{spec_path}: unknown head format {found}; upgrade stream-classifier")
@@ -290,12 +216,16 @@ def _read_safe_head(directory: Path) -> LinearHead | None:
     if pkl.is_file() and spec.get("model_head_pkl_sha256") != _sha256_file(pkl):
         log_event(log, "model_safe_head_stale", level=logging.WARNING, path=str(directory))
         return None
-    return LinearHead(
-        coef=np.asarray(tensors["coef"], dtype=np.float64),
-        intercept=np.asarray(tensors["intercept"], dtype=np.float64),
-        classes=[str(c) for c in spec["classes"]],
-        multi_class=spec.get("multi_class", "multinomial"),
-    )
+    missing = sorted({"coef", "intercept"} - tensors.keys())
+    if missing:
+        raise _unreadable_safe_head(tensors_path, f"no {' or '.join(missing)} tensor")
+    with _naming(directory):
+        return LinearHead(
+            coef=tensors["coef"],
+            intercept=tensors["intercept"],
+            classes=spec.get("classes", []),  # checked by LinearHead
+            multi_class=spec.get("multi_class", "multinomial"),
+        )
 
 
 # --------------------------------------------------------------------------- bodies
@@ -329,12 +259,19 @@ def _read_setfit_config(directory: Path) -> tuple[list[str] | None, bool]:
         return None, False
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: unreadable ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ModelError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+    if not isinstance(config, dict):
+        raise ModelError(
+            f'{path}: not a JSON object; setfit writes {{"labels": [...], "normalize_embeddings": ...}}'
+        )
     labels = config.get("labels")
-    if labels is not None:
-        labels = [str(label) for label in labels]
-    return labels, bool(config.get("normalize_embeddings", False))
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
+        raise ModelError(f"{path}: 'labels' must be a list of strings, the class names in column order")
+    normalize = config.get("normalize_embeddings", False)
+    if not isinstance(normalize, bool):
+        raise ModelError(f"{path}: 'normalize_embeddings' must be true or false, not {normalize!r}")
+    return labels, normalize
 
 
 def load_head(directory: Path | str, *, trusted: bool = False) -> tuple[LinearHead, bool]:

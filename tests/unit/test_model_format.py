@@ -8,10 +8,12 @@ import os
 import pickle
 import shutil
 from pathlib import Path
+from typing import Any
 
 import joblib
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 from sentence_transformers import SentenceTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
@@ -206,3 +208,141 @@ def test_save_refuses_a_non_empty_directory(tiny_model_dir: Path, tmp_path: Path
         save_model(bundle, target)
     assert (target / "keep.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging left behind
+
+
+# --------------------------------------------------------------------------- hostile head directories
+
+
+def _safe_head_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """A copy whose head is read from head.json + head.safetensors (no pickle beside them)."""
+    directory = _copy(tiny_model_dir, tmp_path)
+    (directory / SETFIT_HEAD).unlink()
+    return directory
+
+
+def _edit_spec(directory: Path, **changes: object) -> None:
+    spec = json.loads((directory / SAFE_HEAD_JSON).read_text())
+    spec.update(changes)
+    (directory / SAFE_HEAD_JSON).write_text(json.dumps(spec), encoding="utf-8")
+
+
+def _edit_tensors(directory: Path, **changes: np.ndarray | None) -> None:
+    tensors = load_file(str(directory / SAFE_HEAD_TENSORS))
+    tensors.update(changes)
+    save_file({k: v for k, v in tensors.items() if v is not None}, str(directory / SAFE_HEAD_TENSORS))
+
+
+def _nan_row(directory: Path) -> None:
+    coef = load_file(str(directory / SAFE_HEAD_TENSORS))["coef"].copy()
+    coef[1, 3] = np.nan
+    _edit_tensors(directory, coef=coef)
+
+
+HOSTILE_SAFE_HEADS: dict[str, tuple[Any, str]] = {
+    "NaN coef": (_nan_row, "NaN or infinite"),
+    "inf intercept": (
+        lambda d: _edit_tensors(d, intercept=np.array([0, np.inf, 0], dtype=np.float32)),
+        "NaN",
+    ),
+    "no coef tensor": (lambda d: _edit_tensors(d, coef=None), "coef"),
+    "coef transposed": (
+        lambda d: _edit_tensors(d, coef=load_file(str(d / SAFE_HEAD_TENSORS))["coef"].T.copy()),
+        "shapes do not fit",
+    ),
+    "corrupt tensors file": (
+        lambda d: (d / SAFE_HEAD_TENSORS).write_bytes(b"\xff" * 64),
+        "unreadable safe head",
+    ),
+    "head.json is a list": (lambda d: (d / SAFE_HEAD_JSON).write_text("[1, 2]"), "not a JSON object"),
+    "head.json nested too deep": (
+        lambda d: (d / SAFE_HEAD_JSON).write_text("[" * 100_000),
+        "unreadable safe head",
+    ),
+    "surrogate class name": (
+        lambda d: (d / SAFE_HEAD_JSON).write_text(
+            (d / SAFE_HEAD_JSON).read_text().replace('"shipping"', '"\\ud800"'), encoding="utf-8"
+        ),
+        "UTF-8",
+    ),
+    "duplicate classes": (lambda d: _edit_spec(d, classes=["a", "a", "b"]), "not unique"),
+    "over-long class name": (lambda d: _edit_spec(d, classes=["a", "b" * 201, "c"]), "over 200 characters"),
+    "integer classes": (lambda d: _edit_spec(d, classes=[0, 1, 2]), "list of strings"),
+    "no classes": (lambda d: _edit_spec(d, classes=None), "list of strings"),
+    "two classes for three rows": (lambda d: _edit_spec(d, classes=["a", "b"]), "coefficient rows"),
+    "unknown multi_class": (lambda d: _edit_spec(d, multi_class="sparsemax"), "multi_class"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_SAFE_HEADS))
+def test_hostile_safe_heads_are_model_errors(case: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    spoil, message = HOSTILE_SAFE_HEADS[case]
+    directory = _safe_head_dir(tiny_model_dir, tmp_path)
+    spoil(directory)
+    with pytest.raises(ModelError, match=message) as caught:
+        load_head(directory)
+    assert str(directory) in str(caught.value)
+
+
+def _pickle_head_dir(tiny_model_dir: Path, tmp_path: Path, head: Any, config: object) -> Path:
+    directory = _copy(tiny_model_dir, tmp_path)
+    for name in (SAFE_HEAD_JSON, SAFE_HEAD_TENSORS):
+        (directory / name).unlink()
+    joblib.dump(head, directory / SETFIT_HEAD)
+    (directory / SETFIT_CONFIG).write_text(json.dumps(config), encoding="utf-8")
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('{"labels": ["billing", "\\ud800", "tech"]}', "UTF-8"),
+        ('{"labels": "billing,shipping,tech"}', "labels"),
+        ('{"labels": ["billing", 2, "tech"]}', "labels"),
+        (
+            '{"labels": ["billing", "shipping", "tech"], "normalize_embeddings": "false"}',
+            "normalize_embeddings",
+        ),
+        ('["billing", "shipping", "tech"]', "not a JSON object"),
+    ],
+)
+def test_hostile_setfit_configs_are_model_errors(
+    config: str, message: str, tiny_model_dir: Path, tmp_path: Path, body_embeddings: np.ndarray
+) -> None:
+    labels = ["billing", "shipping", "tech"]
+    head = LogisticRegression().fit(body_embeddings, [labels.index(x) for x in LABELS])
+    directory = _pickle_head_dir(tiny_model_dir, tmp_path, head, {})
+    (directory / SETFIT_CONFIG).write_text(config, encoding="utf-8")
+    with pytest.raises(ModelError, match=message):
+        load_head(directory)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_pickled_head_with_non_finite_weights_is_a_model_error(
+    bad: float, tiny_model_dir: Path, tmp_path: Path, body_embeddings: np.ndarray
+) -> None:
+    labels = ["billing", "shipping", "tech"]
+    head = LogisticRegression().fit(body_embeddings, [labels.index(x) for x in LABELS])
+    head.coef_[0, 0] = bad
+    directory = _pickle_head_dir(tiny_model_dir, tmp_path, head, {"labels": labels})
+    for trusted in (False, True):
+        with pytest.raises(ModelError, match="NaN or infinite"):
+            load_head(directory, trusted=trusted)
+
+
+def test_a_head_for_another_embedding_dim_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    directory = _safe_head_dir(tiny_model_dir, tmp_path)
+    _edit_tensors(directory, coef=np.ones((3, 5), dtype=np.float32))
+    with pytest.raises(ModelError, match="expects 5-d embeddings"):
+        load_model(directory)
+
+
+@pytest.mark.parametrize("version", ["", "v" * 201, "v\\ud800"])
+def test_hostile_metadata_versions_are_model_errors(
+    version: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The version names a store directory and travels in every output record."""
+    directory = _copy(tiny_model_dir, tmp_path)
+    path = directory / "model_metadata.json"
+    path.write_text(path.read_text().replace(load_model(tiny_model_dir).version, version), encoding="utf-8")
+    with pytest.raises(ModelError, match="invalid metadata"):
+        load_model(directory)
