@@ -140,7 +140,7 @@ class ModelSwapper:
         self._settings = settings
         self._store = store
         self._swap = swap
-        self._metrics = metrics
+        self.metrics = metrics
         self._lock = threading.Lock()
         self.serving_version = serving_version
 
@@ -153,7 +153,7 @@ class ModelSwapper:
             runtime = load_runtime(self._settings, self._store.path_of(version))
             loaded = time.perf_counter() - started
             self._swap(runtime)
-            self._metrics.model_load_seconds.set(loaded)
+            self.metrics.model_load_seconds.set(loaded)
             log_event(
                 logger,
                 "model_swap_requested",
@@ -178,14 +178,30 @@ class UpdatesFollower:
         self._stop.set()
 
     def check(self) -> None:
-        """Swap to the manifest's current version if it is not the one served."""
+        """Swap to the manifest's current version if it is not the one served.
+
+        Never raises (bar ``BaseException``s such as ``KeyboardInterrupt``): whatever reading
+        the manifest, loading or swapping fails with is one ``model_update_failed`` line and one
+        ``model_update_failures`` count; the replica keeps serving the model it has, and the
+        next announcement or poll tries again, so a transient failure passes and a broken
+        version is skipped as soon as the manifest names another.
+        """
+        version: str | None = None
         try:
             version = self._store.read().current
             if self._swapper.swap_to(version):
                 log_event(logger, "model_update_applied", version=version)
-        except StreamClassifierError as exc:
-            # Keep serving the model we have; the next announcement or poll retries.
-            log_event(logger, "model_update_failed", logging.ERROR, error=str(exc))
+        except Exception as exc:
+            self._swapper.metrics.model_update_failures.inc()
+            log_event(
+                logger,
+                "model_update_failed",
+                logging.ERROR,
+                version=version,
+                error_type=type(exc).__name__,
+                error=str(exc),
+                exc_info=None if isinstance(exc, StreamClassifierError) else exc,
+            )
 
     def run(self) -> None:
         retrain = self._settings.retrain

@@ -122,6 +122,11 @@ class Metrics:
             f"{PREFIX}_model_load_seconds", "Duration of the last model load and warm-up.", registry=r
         )
         self.model_swaps = Counter(f"{PREFIX}_model_swaps", "Hot swaps of the served model.", registry=r)
+        self.model_update_failures = Counter(
+            f"{PREFIX}_model_update_failures",
+            "Model updates the follower could not apply (manifest read, load or swap); it serves on.",
+            registry=r,
+        )
         self.confidence = Histogram(
             f"{PREFIX}_prediction_confidence",
             "Top class probability of each prediction.",
