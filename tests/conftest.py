@@ -1,3 +1,3 @@
 """Shared fixtures: the real broker (Tansu) and the models (real MiniLM, tiny random BERT)."""
 
-pytest_plugins = ["tests.fixtures.broker", "tests.fixtures.models"]
+pytest_plugins = ["tests.fixtures.broker", "tests.fixtures.kafka_broker", "tests.fixtures.models"]
