@@ -137,8 +137,42 @@ class FeedbackSettings(_Section):
     max_examples_per_label: int = Field(default=2_000, ge=1)
     max_labels: int = Field(default=100, ge=2)
     max_bytes: int = Field(default=65_536, ge=1)
+    max_held_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1024 * 1024,
+        description=(
+            "Memory the trainer may spend on held feedback examples (texts, labels and ids as "
+            "Python holds them). Pending labels (see 'min_label_examples') hold at most an eighth "
+            "of it; over the whole, the label holding the most bytes gives up a random example, "
+            "so the labels share the budget."
+        ),
+    )
+    max_label_chars: int = Field(
+        default=100,
+        ge=1,
+        le=1_000,
+        description=(
+            "Longest feedback label, in characters; a longer one is dead-lettered as 'label_too_long'."
+        ),
+    )
+    min_label_examples: int = Field(
+        default=3,
+        ge=1,
+        description=(
+            "Distinct examples a label that the served model does not know (and that is not in "
+            "'allowed_labels') needs before it takes a label slot; until then it is pending and "
+            "not trained on."
+        ),
+    )
+    allowed_labels: StrList = Field(
+        default_factory=list,
+        description=(
+            "Labels always given a slot without waiting for 'min_label_examples', like the "
+            "served model's own labels (a JSON list or comma-separated)."
+        ),
+    )
 
-    _split = field_validator("topics", mode="before")(_split_list)
+    _split = field_validator("topics", "allowed_labels", mode="before")(_split_list)
 
 
 class RetrainSettings(_Section):

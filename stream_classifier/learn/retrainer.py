@@ -20,7 +20,8 @@ Invariants:
   what is served; it is counted as ``failed`` and its fresh examples stay fresh, so the
   next scheduled tick retries;
 - every run that starts emits exactly one ``retrain_run`` record (log line, and the
-  events topic when configured) with outcome, reason, scores and phase durations.
+  events topic when configured) with outcome, reason, scores and phase durations; so does
+  every request made before the feedback topics are read to their end (no run starts).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from stream_classifier.learn.store import ModelStore
 from stream_classifier.learn.tail import TopicReader
 from stream_classifier.learn.updates import ModelSwapper, UpdatesFollower, announce, resolve_serving_model
 from stream_classifier.model.examples import Example, read_examples
-from stream_classifier.model.format import EXAMPLES_FILE, new_version_id
+from stream_classifier.model.format import EXAMPLES_FILE, load_head, new_version_id
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
@@ -165,11 +166,16 @@ def load_trusted_eval(settings: Settings) -> list[Example]:
         records = reader.read_to_end(_TRUSTED_READ_TIMEOUT_S)
     finally:
         reader.close()
-    items = [decode_feedback(r.value, settings.feedback.max_bytes) for r in records]
+    items = [decode_feedback(r.value, settings.feedback) for r in records]
     examples = [Example(i.text, i.label) for i in items if isinstance(i, FeedbackItem)]
     if len(examples) < len(items):
         log_event(logger, "trusted_eval_bad_records", logging.WARNING, skipped=len(items) - len(examples))
     return examples
+
+
+def _champion_labels(store: ModelStore) -> list[str]:
+    """The current version's labels: the feedback labels that always have a slot."""
+    return load_head(store.current()[1])[0].classes
 
 
 def _kept_examples(model_dir: Path) -> list[Example]:
@@ -259,11 +265,17 @@ class Retrainer:
         self._requested.set()
 
     def run(self) -> None:
-        """The schedule: every ``interval_s`` when enough fresh feedback arrived, or when asked."""
+        """The schedule: every ``interval_s`` when enough fresh feedback arrived, or when asked.
+
+        The schedule starts once the feedback is read to its end; a request before that is
+        answered at once with a record saying why no run started (``failed`` while the
+        reader is failing, else ``skipped``), so that every request gets an answer.
+        """
         retrain = self._settings.retrain
-        while not self._stop.is_set() and not self._feedback.caught_up.wait(0.5):
-            if self._feedback.error is not None:
-                return
+        while not self._stop.is_set() and not self._feedback.caught_up.is_set():
+            if self._requested.wait(0.5) and not self._stop.is_set():
+                self._requested.clear()
+                self._emit(self._unread_record())
         next_tick = time.monotonic() + retrain.interval_s
         while not self._stop.is_set():
             asked = self._requested.wait(max(0.0, next_tick - time.monotonic()))
@@ -279,6 +291,22 @@ class Retrainer:
                     self.run_once(trigger="schedule", force=False)
                 else:
                     log_event(logger, "retrain_not_due", logging.DEBUG, fresh=fresh)
+
+    def _unread_record(self) -> RunRecord:
+        """The record of a request made before the feedback was read to its end."""
+        record = RunRecord(
+            run_id=new_version_id(), trigger="request", mode=self._settings.retrain.mode, champion=""
+        )
+        error = self._feedback.error
+        if error is None:
+            record.outcome, record.reason = "skipped", "the feedback topics are still being read"
+        else:
+            record.outcome = "failed"
+            record.reason = (
+                f"the feedback topics cannot be read ({type(error).__name__}: {error}); "
+                "the reader retries with backoff"
+            )
+        return record
 
     # ------------------------------------------------------------------ one run
 
@@ -404,6 +432,7 @@ class Retrainer:
             feedback_offsets=offsets,
         )
         self._metrics.promotions.inc()
+        self._feedback.protect(record.labels)
         announce(self._producer, self._settings.retrain.updates_topic, self._store, entry)
         if self._swapper is not None:
             self._swapper.swap_to(entry.version)
@@ -532,10 +561,13 @@ def start_learning(
                 "setting 'feedback.topics' (env STREAM_CLASSIFIER_FEEDBACK__TOPICS) is empty: "
                 "retraining needs at least one labelled feedback topic"
             )
+        model_labels = _champion_labels(store)
         lock = TrainerLock(store)
         store.clear_staging()
         producer = transport.producer()
-        feedback = FeedbackReader(settings, producer, metrics, baseline=store.read().feedback_offsets)
+        feedback = FeedbackReader(
+            settings, producer, metrics, baseline=store.read().feedback_offsets, model_labels=model_labels
+        )
         retrainer = Retrainer(settings, store, feedback, metrics, producer, swapper=swapper)
         learning = Learning(follower, retrainer, feedback, lock, producer)
     learning.start()
@@ -550,9 +582,12 @@ def retrain_once(settings: Settings, metrics: Metrics, transport: Transport, *, 
     """
     store = require_store(settings)
     resolve_serving_model(settings)  # seeds the store on first use
+    model_labels = _champion_labels(store)
     lock = TrainerLock(store)
     producer = transport.producer()
-    feedback = FeedbackReader(settings, producer, metrics, baseline=store.read().feedback_offsets)
+    feedback = FeedbackReader(
+        settings, producer, metrics, baseline=store.read().feedback_offsets, model_labels=model_labels
+    )
     reader = threading.Thread(target=feedback.run, name="feedback-reader", daemon=True)
     try:
         store.clear_staging()

@@ -41,10 +41,16 @@ DeadLetterReason = Literal[
     "invalid_label",
     "missing_label",
     "invalid_id",
-    "too_many_labels",
     "inference_failed",
+    "invalid_text",
+    "label_too_long",
+    "processing_failed",
 ]
 DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = get_args(DeadLetterReason)
+# Why the bounded feedback set let a held (or arriving) example go; see learn.feedback.
+FeedbackDropReason = Literal["label_cap", "byte_budget", "label_evicted", "candidate_evicted"]
+FEEDBACK_DROP_REASONS: tuple[FeedbackDropReason, ...] = get_args(FeedbackDropReason)
+FEEDBACK_READER_STAGES = ("read", "record")
 RETRAIN_OUTCOMES = ("promoted", "rejected", "skipped", "failed")
 RETRAIN_PHASES = ("load", "train", "evaluate", "swap")
 SCORE_SPLITS = ("holdout", "trusted")
@@ -162,6 +168,23 @@ class Metrics:
         self.feedback_received = Counter(
             f"{PREFIX}_feedback_received", "Valid feedback messages read.", registry=r
         )
+        self.feedback_held_bytes = Gauge(
+            f"{PREFIX}_feedback_held_bytes",
+            "Memory of the held feedback examples, pending labels included (feedback.max_held_bytes).",
+            registry=r,
+        )
+        self.feedback_dropped = Counter(
+            f"{PREFIX}_feedback_dropped",
+            "Feedback examples the bounded set let go, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.feedback_reader_errors = Counter(
+            f"{PREFIX}_feedback_reader_errors",
+            "Unexpected feedback reader failures: one record's (dead-lettered) or the read loop's (retried).",
+            ["stage"],
+            registry=r,
+        )
         self.review_routed = Counter(
             f"{PREFIX}_review_routed", "Uncertain predictions copied to the review topic.", registry=r
         )
@@ -191,6 +214,10 @@ class Metrics:
             for split in SCORE_SPLITS:
                 for metric in SCORE_METRICS:
                     self.retrain_score.labels(role=role, split=split, metric=metric)
+        for drop in FEEDBACK_DROP_REASONS:
+            self.feedback_dropped.labels(reason=drop)
+        for stage in FEEDBACK_READER_STAGES:
+            self.feedback_reader_errors.labels(stage=stage)
         self.model_info.info({"version": "", "base_model": "", "device": "", "precision": ""})
         self.ready.set(0)
 
