@@ -25,7 +25,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from stream_classifier.config import KafkaSettings
-from stream_classifier.errors import BrokerUnavailableError, ConfigError, TransportError
+from stream_classifier.errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    RecordRejectedError,
+    TransportError,
+)
 from stream_classifier.ops.logs import log_event
 from stream_classifier.transport.base import (
     Consumer,
@@ -70,6 +75,27 @@ _FATAL_CODES = {
 }
 
 
+# Codes by which the broker (or librdkafka's own checks) refuse one record for good.
+_REFUSAL_CODES = {
+    "MSG_SIZE_TOO_LARGE",
+    "INVALID_MSG_SIZE",
+    "INVALID_MSG",
+    "INVALID_RECORD",
+    "INVALID_TIMESTAMP",
+    "RECORD_LIST_TOO_LARGE",
+    "TOPIC_AUTHORIZATION_FAILED",
+    "TOPIC_EXCEPTION",
+    "UNSUPPORTED_FOR_MESSAGE_FORMAT",
+}
+
+
+def _translate_produce(error: ck.KafkaError) -> Exception:
+    """A delivery error as the service sees it: refused for good, or worth a retry."""
+    if error.name() in _REFUSAL_CODES:
+        return RecordRejectedError(f"the record was refused: {error.name()}: {error.str()}")
+    return _translate(ck.KafkaException(error), "producing")
+
+
 def _translate(exc: BaseException, action: str) -> Exception:
     """Map a librdkafka error to the package's transient/fatal pair."""
     error = exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
@@ -98,6 +124,30 @@ class _ConnectionState:
         if error.code() == ck.KafkaError._ALL_BROKERS_DOWN:
             self.up = False
         log_event(logger, "kafka_client_error", logging.DEBUG, role=self._role, error=error.str())
+
+
+def _record(message: Any) -> Record:
+    """The message as a :class:`Record`; without headers when a header name is not UTF-8.
+
+    The binding cannot decode such a name: it raises, or leaves the error to surface at the
+    next call (as a ``SystemError``), so the whole construction is guarded. Key, value and
+    offset are intact, so the record is served; only a dead letter of it lacks the headers.
+    """
+    kind, timestamp = message.timestamp()
+    coordinates = (message.topic(), message.partition(), message.offset())
+    key, value = message.key(), message.value()
+    when = timestamp if kind != ck.TIMESTAMP_NOT_AVAILABLE else None
+    try:
+        return Record(*coordinates, key, value, tuple(message.headers() or ()), when)
+    except (UnicodeDecodeError, SystemError) as exc:
+        log_event(
+            logger,
+            "undecodable_headers",
+            logging.WARNING,
+            record="{}:{}:{}".format(*coordinates),
+            error=str(exc)[:200],
+        )
+        return Record(*coordinates, key, value, (), when)
 
 
 def _partitions(tps: Iterable[ck.TopicPartition]) -> list[Partition]:
@@ -138,18 +188,7 @@ class ConfluentConsumer:
                     raise _translate(ck.KafkaException(error), "polling")
                 log_event(logger, "kafka_consumer_error", logging.DEBUG, error=error.str())
                 continue
-            kind, timestamp = message.timestamp()
-            records.append(
-                Record(
-                    message.topic(),
-                    message.partition(),
-                    message.offset(),
-                    message.key(),
-                    message.value(),
-                    tuple(message.headers() or ()),
-                    timestamp if kind != ck.TIMESTAMP_NOT_AVAILABLE else None,
-                )
-            )
+            records.append(_record(message))
         self._state.up = True
         return records
 
@@ -215,7 +254,7 @@ class ConfluentProducer:
         on_delivery: DeliveryCallback,
     ) -> None:
         def report(error: ck.KafkaError | None, _message: Any) -> None:
-            on_delivery(None if error is None else _translate(ck.KafkaException(error), "producing"))
+            on_delivery(None if error is None else _translate_produce(error))
 
         deadline = time.monotonic() + _QUEUE_FULL_BLOCK_S
         while True:
@@ -229,7 +268,12 @@ class ConfluentProducer:
                     ) from None
                 self._producer.poll(0.05)
             except ck.KafkaException as exc:
+                error = exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
+                if error is not None and error.name() in _REFUSAL_CODES:
+                    raise _translate_produce(error) from exc
                 raise _translate(exc, "producing") from exc
+            except (TypeError, ValueError) as exc:
+                raise RecordRejectedError(f"the record was refused: {type(exc).__name__}: {exc}") from exc
 
     def poll(self, timeout_s: float) -> None:
         self._producer.poll(timeout_s)

@@ -13,7 +13,12 @@ from kafka.record import util as kafka_record_util
 from kafka.structs import OffsetAndMetadata
 
 from stream_classifier.config import KafkaSettings
-from stream_classifier.errors import BrokerUnavailableError, TransportError
+from stream_classifier.errors import (
+    BrokerUnavailableError,
+    RecordRejectedError,
+    TransportError,
+    UnreadableRecordError,
+)
 from stream_classifier.ops.logs import log_event
 from stream_classifier.transport.base import (
     Consumer,
@@ -38,6 +43,29 @@ def crc32c_implementation() -> str:
     ``c`` when the ``crc32c`` package (extra ``[fast]``) is installed, else ``python``, its
     pure-Python fallback: consuming ~2.5-3x and producing ~1.7x slower (BENCHMARKS.md)."""
     return "c" if kafka_record_util.crc32c_c is not None else "python"
+
+
+# Errors by which the broker (or the client's own checks) refuse one record for good.
+_RECORD_REFUSALS = (
+    kerr.MessageSizeTooLargeError,
+    kerr.RecordListTooLargeError,
+    kerr.InvalidRecordError,
+    kerr.CorruptRecordError,
+    kerr.InvalidTimestampError,
+    kerr.TopicAuthorizationFailedError,
+    kerr.InvalidTopicError,
+    kerr.UnsupportedForMessageFormatError,
+)
+_POSITION_TIMEOUT_MS = 5_000
+
+
+def _translate_produce(exc: BaseException) -> Exception:
+    """A produce error as the service sees it: refused for good, or worth a retry."""
+    if isinstance(exc, _RECORD_REFUSALS | TypeError | ValueError):
+        return RecordRejectedError(f"the record was refused: {type(exc).__name__}: {exc}")
+    if isinstance(exc, Exception):
+        return _translate(exc, "producing")
+    return BrokerUnavailableError(f"producing failed: {type(exc).__name__}: {exc}")
 
 
 def _translate(exc: Exception, action: str) -> Exception:
@@ -99,7 +127,12 @@ class KafkaPythonConsumer:
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
         self._dispatch_rebalances()
-        batches = _call("polling", self._consumer.poll, int(timeout_s * 1000), max_records=max_records)
+        try:
+            batches = self._consumer.poll(int(timeout_s * 1000), max_records=max_records)
+        except (kerr.CorruptRecordError, UnicodeDecodeError) as exc:
+            raise self._locate_unreadable(exc) from exc
+        except (kerr.KafkaError, OSError) as exc:
+            raise _translate(exc, "polling") from exc
         if self._dispatch_rebalances():  # drop what was fetched for partitions no longer ours
             assigned = self._consumer.assignment()
             batches = {tp: records for tp, records in batches.items() if tp in assigned}
@@ -108,6 +141,29 @@ class KafkaPythonConsumer:
             for records in batches.values()
             for r in records
         ]
+
+    def _locate_unreadable(self, error: Exception) -> Exception:
+        """The coordinates of the record kafka-python failed to parse.
+
+        kafka-python's error names no partition, and polling again without moving that
+        partition's position spins forever (3.0.x: the failed batch stays next in line). The
+        failed batch's partition and next offset are read from the fetcher, the one place
+        that holds them; without them (another kafka-python), the error is reported as
+        transient. kafka-python parses a record batch from its start, so a record after an
+        unreadable one in the same batch is unreadable to it too.
+        """
+        part = getattr(getattr(self._consumer, "_fetcher", None), "_next_partition_records", None)
+        tp = getattr(part, "topic_partition", None)
+        offset = getattr(part, "next_fetch_offset", None)
+        if not isinstance(tp, TopicPartition) or not isinstance(offset, int):
+            return BrokerUnavailableError(f"polling failed: {type(error).__name__}: {str(error)[:200]}")
+        return UnreadableRecordError(
+            f"kafka-python cannot parse the record at {tp.topic}:{tp.partition}:{offset} "
+            f"({type(error).__name__}: {str(error)[:200]}); read it with another client",
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=offset,
+        )
 
     def _dispatch_rebalances(self) -> bool:
         """Tell the listener about queued rebalance events, in order; True if there were any."""
@@ -138,8 +194,15 @@ class KafkaPythonConsumer:
         return {Partition(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
     def position(self, partition: Partition) -> int:
-        position: int = _call("reading the position", self._consumer.position, TopicPartition(*partition))
-        return position
+        position = _call(
+            "reading the position",
+            self._consumer.position,
+            TopicPartition(*partition),
+            timeout_ms=_POSITION_TIMEOUT_MS,
+        )
+        if position is None:
+            raise BrokerUnavailableError(f"reading the position of {partition[0]}:{partition[1]} timed out")
+        return int(position)
 
     def end_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
         ends = _call(
@@ -173,9 +236,14 @@ class KafkaPythonProducer:
         headers: Headers,
         on_delivery: DeliveryCallback,
     ) -> None:
-        future = _call("producing", self._producer.send, topic, value=value, key=key, headers=list(headers))
+        # kafka-python's send() takes header values as bytes only: a null value goes out empty.
+        sendable = [(name, b"" if data is None else data) for name, data in headers]
+        try:
+            future = self._producer.send(topic, value=value, key=key, headers=sendable)
+        except Exception as exc:
+            raise _translate_produce(exc) from exc
         future.add_callback(lambda _metadata: on_delivery(None))
-        future.add_errback(on_delivery)
+        future.add_errback(lambda exc: on_delivery(_translate_produce(exc)))
 
     def poll(self, timeout_s: float) -> None:
         return None
