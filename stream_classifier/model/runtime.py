@@ -319,6 +319,10 @@ class ModelRuntime:
     def version(self) -> str:
         return self.bundle.version
 
+    @property
+    def base_model(self) -> str:
+        return str(self.bundle.metadata.base_model or "")
+
     # ------------------------------------------------------------------ prepare (CPU)
 
     def prepare(self, texts: Sequence[str]) -> PreparedBatch:

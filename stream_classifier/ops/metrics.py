@@ -43,6 +43,9 @@ DeadLetterReason = Literal[
     "invalid_id",
     "inference_failed",
     "invalid_text",
+    "output_too_large",
+    "output_rejected",
+    "unreadable_record",
     "label_too_long",
     "processing_failed",
 ]
@@ -90,6 +93,11 @@ class Metrics:
             f"{PREFIX}_produce_errors", "Failed produce attempts (outputs and dead letters).", registry=r
         )
         self.commit_errors = Counter(f"{PREFIX}_commit_errors", "Failed offset commits.", registry=r)
+        self.runtime_failures = Counter(
+            f"{PREFIX}_runtime_failures",
+            "Batches the model runtime failed (out of memory, a broken model); retried, not dead-lettered.",
+            registry=r,
+        )
         self.rebalances = Counter(
             f"{PREFIX}_rebalances", "Consumer-group partition assignments and revocations.", registry=r
         )

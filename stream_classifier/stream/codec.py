@@ -1,10 +1,17 @@
 """Message bytes <-> the service's values: input decoding, output and dead-letter encoding.
 
-Invariant: nothing raises past this module for any input bytes. :meth:`InputDecoder.decode`
-returns either a :class:`Decoded` text or a :class:`Rejected` reason from
-:data:`CODEC_REASONS` (kept equal to the codec part of ``ops.metrics.DEAD_LETTER_REASONS``).
-Dead letters keep the input's key and value bytes unchanged, except that a value too big
-for the producer's request limit is cut to fit and marked ``truncated``.
+Invariants:
+
+- Nothing raises past this module for any input record. :meth:`InputDecoder.decode` returns
+  either a :class:`Decoded` text or a :class:`Rejected` reason from :data:`CODEC_REASONS`
+  (each one of ``ops.metrics.DEAD_LETTER_REASONS``).
+- Every string a :class:`Decoded` carries encodes as UTF-8 (JSON ``\\u`` escapes can carry
+  lone surrogates; such texts and ids are rejected), so its output always encodes.
+- No record this module builds is larger than the producer's ``max_request_size``:
+  :func:`record_size` bounds a record as the producer counts it; a dead letter keeps the
+  input's key, headers and value, cutting the value to fit (marked ``truncated``), and
+  falls back to :func:`minimal_dead_letter` (coordinates and reason only) when the key and
+  headers alone do not fit.
 
 This is the per-message hot path: one pass of checks per input, one ``json.dumps`` per output.
 """
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stream_classifier.config import InputSettings
-from stream_classifier.stream.kafka_io import Headers, Record
+from stream_classifier.transport import Headers, Record
 
 NULL_VALUE = "null_value"
 TOO_LARGE = "too_large"
@@ -28,7 +35,12 @@ NOT_AN_OBJECT = "not_an_object"
 MISSING_TEXT = "missing_text"
 TEXT_NOT_STRING = "text_not_string"
 EMPTY_TEXT = "empty_text"
+INVALID_TEXT = "invalid_text"
+INVALID_ID = "invalid_id"
 INFERENCE_FAILED = "inference_failed"
+OUTPUT_TOO_LARGE = "output_too_large"
+OUTPUT_REJECTED = "output_rejected"
+UNREADABLE_RECORD = "unreadable_record"
 CODEC_REASONS = (
     NULL_VALUE,
     TOO_LARGE,
@@ -38,6 +50,8 @@ CODEC_REASONS = (
     MISSING_TEXT,
     TEXT_NOT_STRING,
     EMPTY_TEXT,
+    INVALID_TEXT,
+    INVALID_ID,
 )
 
 # Output header names.
@@ -52,6 +66,7 @@ ORIGINAL_SIZE_HEADER = "original.size"
 # Record-batch header (61 bytes) + one record's worst-case varints and attributes, rounded up.
 _RECORD_OVERHEAD = 128
 _HEADER_OVERHEAD = 10
+_MINIMAL_MESSAGE_CHARS = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +137,25 @@ class InputDecoder:
             if isinstance(given, str | int) and not isinstance(given, bool) and given != ""
             else source_id(record)
         )
+        if b"\\u" in value:  # only a JSON escape can put a lone surrogate into a str
+            if not _encodable(text):
+                return Rejected(INVALID_TEXT, f"field {self._text_field!r} holds a lone surrogate escape")
+            if isinstance(id_, str) and not _encodable(id_):
+                return Rejected(INVALID_ID, f"field {self._id_field!r} holds a lone surrogate escape")
         return self._checked(text, id_)
 
     def _checked(self, text: str, id_: str | int) -> Decoded | Rejected:
         if not text.strip():
             return Rejected(EMPTY_TEXT, "the text is empty or only whitespace")
         return Decoded(text, id_)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def published_rows(probabilities: np.ndarray) -> tuple[list[list[float]], list[int]]:
@@ -181,33 +209,63 @@ def encode_dead_letter(
     """The dead letter for ``record``: its key, value and headers, plus the error headers.
 
     When the result would exceed ``max_request_size``, the value keeps its first bytes that
-    fit, and headers ``truncated: true`` and ``original.size: <bytes>`` say so.
+    fit, and headers ``truncated: true`` and ``original.size: <bytes>`` say so; when even the
+    key and headers do not fit, it is :func:`minimal_dead_letter`.
     """
-    headers: Headers = (
-        *record.headers,
-        (ERROR_HEADER, rejected.reason.encode()),
-        (ERROR_MESSAGE_HEADER, rejected.message.encode("utf-8", "replace")),
-        ("source.topic", record.topic.encode("utf-8")),
-        ("source.partition", str(record.partition).encode()),
-        ("source.offset", str(record.offset).encode()),
-    )
-    value = record.value
-    size = _record_size(record.key, value, headers)
-    if value is not None and size > max_request_size:
+    error_headers = _error_headers(record, rejected)
+    headers: Headers = (*record.headers, *error_headers)
+    # A record needs a key or a value: a keyless tombstone's dead letter has an empty value.
+    value = b"" if record.value is None and record.key is None else record.value
+    if record_size(record.key, value, headers) <= max_request_size:
+        return OutgoingRecord(topic, value, record.key, headers)
+    if value is not None:
         headers = (
             *headers,
             (TRUNCATED_HEADER, b"true"),
             (ORIGINAL_SIZE_HEADER, str(len(value)).encode()),
         )
-        room = max_request_size - _record_size(record.key, b"", headers)
-        value = value[: max(room, 0)]
-    return OutgoingRecord(topic, value, record.key, headers)
+        room = max_request_size - record_size(record.key, b"", headers)
+        if room >= 0:
+            return OutgoingRecord(topic, value[:room], record.key, headers)
+    return minimal_dead_letter(record, rejected, topic)
 
 
-def _record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+def minimal_dead_letter(record: Record, rejected: Rejected, topic: str) -> OutgoingRecord:
+    """A dead letter of the source coordinates and the reason only: no key, no input headers,
+    and as value a small JSON object with the reason and the coordinates.
+
+    The last resort for an input whose full dead letter cannot be produced; a few hundred
+    bytes at most (the error message is cut to :data:`_MINIMAL_MESSAGE_CHARS`).
+    """
+    short = Rejected(rejected.reason, rejected.message[:_MINIMAL_MESSAGE_CHARS])
+    value = json.dumps(
+        {
+            "error": short.reason,
+            "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
+        },
+        separators=(",", ":"),
+    ).encode()
+    return OutgoingRecord(topic, value, None, _error_headers(record, short))
+
+
+def _error_headers(record: Record, rejected: Rejected) -> Headers:
+    return (
+        (ERROR_HEADER, rejected.reason.encode()),
+        (ERROR_MESSAGE_HEADER, rejected.message.encode("utf-8", "replace")),
+        ("source.topic", record.topic.encode("utf-8", "replace")),
+        ("source.partition", str(record.partition).encode()),
+        ("source.offset", str(record.offset).encode()),
+    )
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """An upper bound of a record's size as the producer checks it against ``max_request_size``."""
     return (
         _RECORD_OVERHEAD
         + len(key or b"")
         + len(value or b"")
-        + sum(len(name.encode("utf-8")) + len(data) + _HEADER_OVERHEAD for name, data in headers)
+        + sum(
+            len(name.encode("utf-8", "replace")) + len(data or b"") + _HEADER_OVERHEAD
+            for name, data in headers
+        )
     )

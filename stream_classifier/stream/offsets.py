@@ -6,9 +6,11 @@ extra records) were all sent *and* acknowledged. A message still in the batcher 
 model, or with a record awaiting its acknowledgement, holds back the commit of itself and of
 every later message in its partition.
 
-When a partition is revoked or rewound, its state is dropped: its pending messages become
-*stale* (:meth:`OffsetTracker.is_current` is false) and their late acknowledgements are
-ignored. They are redelivered from the committed offset, so nothing is lost.
+When a partition is revoked, its state is dropped; when it is rewound (re-read from its
+oldest pending message), its pending messages are dropped but its commit point is kept, so
+the acknowledged prefix is still committed. Either way the dropped messages become *stale*
+(:meth:`OffsetTracker.is_current` is false), their late acknowledgements are ignored, and
+they are read again, so nothing is lost.
 
 Not thread-safe: the service calls it from its I/O thread only.
 """
@@ -110,6 +112,19 @@ class OffsetTracker:
             if state is not None:
                 dropped += len(state.pending)
         return dropped
+
+    def rewind(self, partition: Partition) -> int | None:
+        """Drop ``partition``'s pending messages, keeping its commit point; returns where to re-read.
+
+        Returns None (and changes nothing) when nothing is pending.
+        """
+        state = self._partitions.get(partition)
+        if state is None or not state.pending:
+            return None
+        resume = state.pending[0].offset
+        fresh = self._partitions[partition] = PartitionOffsets(partition)
+        fresh.committable, fresh.committed = state.committable, state.committed
+        return resume
 
     def partitions(self) -> list[Partition]:
         return list(self._partitions)

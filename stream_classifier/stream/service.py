@@ -3,50 +3,59 @@
 Two threads share the work:
 
 - the **I/O thread** (the caller of :meth:`StreamService.run`) polls, decodes, batches,
-  tokenises (``runtime.prepare``), encodes and produces outputs and dead letters, and
-  commits offsets; it alone touches the consumer, the producer and the offset tracker;
-- the **compute thread** only runs ``runtime.infer``.
+  tokenises, encodes and produces outputs and dead letters, and commits offsets; it alone
+  touches the consumer, the producer and the offset tracker;
+- the **compute thread** (:mod:`stream_classifier.stream.compute`) only runs ``infer``.
 
 Invariants (ARCHITECTURE.md names this module for them):
 
-- **The model is never idle while other work waits.** The I/O thread keeps up to
-  ``_PIPELINE_DEPTH`` prepared batches queued ahead of the compute thread, so whenever a
-  batch is due the model starts it as soon as it finishes the previous one; decoding,
-  tokenising, encoding and producing overlap with inference.
+- **The model is never idle while other work waits.** Up to ``_PIPELINE_DEPTH`` prepared
+  batches are queued ahead of the compute thread; decoding, tokenising, encoding and
+  producing overlap with inference.
 - **Offsets** (at-least-once). A partition's offset is committed only when every record
   for that message and all earlier ones in the partition was acknowledged by the producer
-  (see :mod:`stream_classifier.stream.offsets`). A failed delivery rewinds its partition to
-  the oldest unacknowledged message and re-reads it.
+  (see :mod:`stream_classifier.stream.offsets`).
+- **No record stops the stream.** A record that cannot be decoded, one whose output the
+  broker refuses for good (:class:`~stream_classifier.errors.RecordRejectedError`, or larger
+  than ``kafka.max_request_size``), and one the client cannot parse
+  (:class:`~stream_classifier.errors.UnreadableRecordError`) each become a dead letter with
+  its reason, and its partition goes on. A refused dead letter falls back to a minimal one
+  (coordinates and reason); only a dead-letter topic that refuses even that stops the
+  service (:class:`~stream_classifier.errors.TransportError`), since going on would lose
+  the message.
+- **Transient failures back off without stopping the loop.** A failed delivery rewinds its
+  partition to the oldest unacknowledged message (keeping the acknowledged prefix
+  committable) and pauses that partition for a backoff that doubles until a delivery
+  succeeds; the loop keeps ticking, polling and heartbeating meanwhile. Only what was
+  sent and not acknowledged is published again.
+- **A broken runtime is not a bad message.** When the model itself fails (out of memory, a
+  broken model: see :mod:`.compute`), its batch is rewound, consumption pauses for a
+  growing backoff and readiness drops; no message is dead-lettered for it.
 - **Ordering.** Batches leave the compute thread in the order they entered, and each batch
   is produced in input order by one producer with idempotence on, so outputs of one input
   partition come out in input order (a rewind re-emits from the rewound message onwards).
-- **The model reference.** Only :meth:`StreamService.swap_model` replaces it, and the
-  compute thread applies the swap between batches; each output names the version that
-  computed it.
+- **The model reference.** Only :meth:`StreamService.swap_model` replaces it, between batches;
+  each output names the version that computed it.
 - **Bounded state.** At most ``batching.max_in_flight`` messages are consumed and not yet
   committed: above it the consumer pauses (it never drops); the compute queue holds at most
-  ``_PIPELINE_DEPTH`` batches.
+  ``_PIPELINE_DEPTH`` batches; the memory of refused inputs holds ``_REJECTED_MEMORY``.
 - **Rebalance.** On revoke (or loss), the in-flight messages of those partitions are dropped
-  uncommitted: results still to come for them are discarded, and they are read again — by
-  the next owner from the committed offset, or, for a partition this instance still holds
-  (kafka-python keeps the fetch position of a partition revoked and re-assigned to the same
-  member), after a seek back to the oldest dropped message. Nothing is lost; up to the
-  in-flight messages of a revoked partition may be published twice. (kafka-python reports a
-  revocation only after it happened, so committing "just before" is not available.) On
-  assign, consumption starts at the committed offsets.
+  uncommitted and read again — by the next owner from the committed offset, or, for a
+  partition this instance still holds (kafka-python keeps the fetch position of a
+  partition revoked and re-assigned to the same member), after a seek back to the oldest
+  dropped message. Up to the in-flight messages of a revoked partition may be published
+  twice. On assign, consumption starts at the committed offsets.
 - **Shutdown** (:meth:`StreamService.stop`, e.g. on SIGTERM): stop polling, run what is
   batched, publish, flush, commit, leave the group, within ``processing.shutdown_timeout_s``.
 - **Exactly-once** (``processing.guarantee: exactly_once``). Outputs, dead letters and the
   consumed offsets go into one Kafka transaction (``send_offsets_to_transaction``), so a
   ``read_committed`` reader sees each output once, crash or not. A commit is a barrier:
-  everything consumed so far is run, published and acknowledged first, then the offsets
-  are added and the transaction committed — at most every ``commit_interval_ms``
-  (>= ``_MIN_TRANSACTION_INTERVAL_S``), on revoke and on shutdown. If a transaction fails,
-  it is aborted, all in-flight state is dropped and the clients reconnect: consumption
-  resumes from the last committed transaction. Each process has its own transactional id
-  (prefix + random suffix); the open transaction of a crashed process is aborted by the
-  broker after the producer's transaction timeout, and fencing of stale members relies on
-  the consumer group metadata (KIP-447).
+  everything consumed so far is run, published and acknowledged first (within
+  ``_TRANSACTION_TIMEOUT_S``), then the offsets are added and the transaction committed —
+  at most every ``commit_interval_ms`` (>= ``_MIN_TRANSACTION_INTERVAL_S``) and on
+  shutdown. If a transaction fails, it is aborted, all in-flight state is dropped and the
+  clients reconnect: consumption resumes from the last committed transaction. Each process
+  has its own transactional id (prefix + random suffix).
 """
 
 from __future__ import annotations
@@ -57,29 +66,41 @@ import queue
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from stream_classifier.config import Settings
-from stream_classifier.errors import BrokerUnavailableError
-from stream_classifier.model.runtime import ModelRuntime, PreparedBatch
+from stream_classifier.errors import (
+    BrokerUnavailableError,
+    RecordRejectedError,
+    TransportError,
+    UnreadableRecordError,
+)
 from stream_classifier.ops.health import HealthState
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
+from stream_classifier.stream.backoff import Backoff
 from stream_classifier.stream.batcher import MicroBatcher
+from stream_classifier.stream.classifier import Classifier
 from stream_classifier.stream.codec import (
     INFERENCE_FAILED,
+    OUTPUT_REJECTED,
+    OUTPUT_TOO_LARGE,
+    UNREADABLE_RECORD,
     Decoded,
     InputDecoder,
     OutgoingRecord,
     Rejected,
     encode_dead_letter,
     encode_prediction,
+    minimal_dead_letter,
     published_rows,
+    record_size,
 )
+from stream_classifier.stream.compute import ComputeWorker, Result
 from stream_classifier.stream.offsets import OffsetTracker, Pending
 from stream_classifier.transport import Consumer, Partition, Producer, Record, Transport
 
@@ -88,10 +109,12 @@ logger = logging.getLogger(__name__)
 _PIPELINE_DEPTH = 3  # batches handed to the compute thread and not yet published
 _IDLE_POLL_S = 0.1
 _RUNNING_POLL_S = 0.05  # while a batch runs, how often the consumer is polled for the next
-_BACKOFF_MIN_S = 0.1
-_BACKOFF_MAX_S = 5.0
 _MIN_TRANSACTION_INTERVAL_S = 0.1
 _TRANSACTION_TIMEOUT_S = 30.0
+_REJECTED_MEMORY = 10_000  # inputs whose output the broker refused, dead-lettered when read again
+
+# What a produced record is for, so that a refusal can fall back to the next form.
+_OUTPUT, _DEAD_LETTER, _MINIMAL = "output", "dead_letter", "minimal_dead_letter"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,40 +141,14 @@ class _Item:
     entry: Pending
 
 
-@dataclass(slots=True)
-class _Job:
-    items: list[_Item]
-    runtime: ModelRuntime
-    prepared: PreparedBatch | None
-
-
-@dataclass(slots=True)
-class _Result:
-    items: list[_Item]
-    probabilities: np.ndarray
-    failed: dict[int, str]
-    runtime: ModelRuntime
-
-
-class _BrokerState:
-    """Backoff for transient broker errors; logs once per change of state, not per retry."""
-
-    def __init__(self) -> None:
-        self.available = True
-        self.backoff_s = 0.0
-
-    def ok(self) -> None:
-        if not self.available:
-            log_event(logger, "broker_available")
-        self.available = True
-        self.backoff_s = 0.0
-
-    def failed(self, exc: BaseException) -> float:
-        if self.available:
-            log_event(logger, "broker_unavailable", logging.WARNING, error=str(exc))
-        self.available = False
-        self.backoff_s = min(_BACKOFF_MAX_S, max(_BACKOFF_MIN_S, self.backoff_s * 2))
-        return self.backoff_s
+@dataclass(frozen=True, slots=True)
+class _Ack:
+    entry: Pending
+    error: BaseException | None
+    timestamp_ms: int | None
+    source: Record  # the input the record was made for
+    kind: str  # _OUTPUT, _DEAD_LETTER or _MINIMAL
+    rejected: Rejected | None  # a dead letter's reason
 
 
 class StreamService:
@@ -160,7 +157,7 @@ class StreamService:
     def __init__(
         self,
         settings: Settings,
-        runtime: ModelRuntime,
+        runtime: Classifier,
         *,
         metrics: Metrics,
         transport: Transport,
@@ -176,24 +173,27 @@ class StreamService:
         # model load (503 then, not connection refused).
         self.health = health or HealthState(settings.metrics.liveness_timeout_s, ready_gauge=metrics.ready)
 
-        self._runtime = runtime
-        self._next_runtime: ModelRuntime | None = None
-        self._swap_lock = threading.Lock()
-
+        self._compute: ComputeWorker[_Item] = ComputeWorker(
+            runtime, metrics, depth=_PIPELINE_DEPTH, on_swap=self._swapped
+        )
         self._decoder = InputDecoder(settings.input)
         self._batcher: MicroBatcher[_Item] = MicroBatcher(
             settings.batching.max_batch_size, settings.batching.max_wait_ms / 1000
         )
         self._tracker = OffsetTracker()
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=_PIPELINE_DEPTH)
-        self._results: queue.SimpleQueue[_Result | BaseException] = queue.SimpleQueue()
-        self._acks: queue.SimpleQueue[tuple[Pending, BaseException | None, int | None]] = queue.SimpleQueue()
-        self._outstanding = 0  # batches handed to the compute thread, not yet published
-        self._paused = False
+        self._acks: queue.SimpleQueue[_Ack] = queue.SimpleQueue()
         self._stopping = threading.Event()
-        self._broker = _BrokerState()
+        self._consume_backoff = Backoff("broker")
+        self._delivery_backoff = Backoff("delivery")
+        self._runtime_backoff = Backoff("runtime", min_s=0.5, max_s=30.0)
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        # Pauses: the consumer's paused set is always what these three ask for.
+        self._backpressure = False
+        self._held: dict[Partition, float] = {}  # partition -> when it may resume (a failed delivery)
+        self._all_held_until = 0.0  # every partition (a broken runtime)
+        self._paused: set[Partition] = set()
+        self._rejected: OrderedDict[tuple[Partition, int], Rejected] = OrderedDict()
         self._last_commit = 0.0
         self._commit_failing = False  # logs once per change of state, not once per retry
         self._next_lag_refresh = 0.0
@@ -207,32 +207,35 @@ class StreamService:
     # ------------------------------------------------------------------ public API
 
     def run(self) -> None:
-        """Serve until :meth:`stop`; returns after the graceful shutdown."""
-        compute = threading.Thread(target=self._compute_loop, name="stream-compute", daemon=True)
-        compute.start()
+        """Serve until :meth:`stop`; returns after the graceful shutdown.
+
+        Raises :class:`~stream_classifier.errors.TransportError` when the cluster refuses
+        the service for good (credentials, authorisation, a dead-letter topic that takes nothing).
+        """
+        self._compute.start()
         try:
             if self._connect():
                 while not self._stopping.is_set():
                     try:
                         self._tick()
-                        self._broker.ok()
                     except BrokerUnavailableError as exc:
-                        self._stopping.wait(self._broker.failed(exc))
+                        delay = self._consume_backoff.failed(exc)
+                        with self.health.waiting_on_broker():
+                            self._stopping.wait(delay)
         finally:
-            self._shutdown(compute)
+            self._shutdown()
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish (thread- and signal-safe)."""
         self._stopping.set()
 
-    def swap_model(self, runtime: ModelRuntime) -> None:
+    def swap_model(self, runtime: Classifier) -> None:
         """Serve ``runtime`` from the next batch on (thread-safe)."""
-        with self._swap_lock:
-            self._next_runtime = runtime
+        self._compute.swap(runtime)
 
     @property
     def model_version(self) -> str:
-        return self._runtime.version
+        return self._compute.classifier.version
 
     @property
     def assignment(self) -> set[Partition]:
@@ -264,8 +267,8 @@ class StreamService:
         self.health.set_consumer_joined(True)
         for topic, partition in partitions:
             self.metrics.consumer_lag.labels(topic=topic, partition=str(partition))
-        if self._paused and self._consumer is not None:
-            self._consumer.pause(partitions)
+        self._paused -= set(partitions)  # a newly assigned partition starts unpaused in the client
+        self._apply_pauses(time.monotonic())
         self._next_lag_refresh = 0.0
 
     # ------------------------------------------------------------------ I/O thread
@@ -281,13 +284,15 @@ class StreamService:
                         self._consumer = self._transport.consumer(read_committed=self._exactly_once)
                         self._consumer.subscribe(self._kafka.input_topics, self)
                 self.health.set_producer_connected(True)
-                self._broker.ok()
+                self._consume_backoff.ok()
                 log_event(
                     logger, "service_started", topics=self._kafka.input_topics, group=self._kafka.group_id
                 )
                 return True
             except BrokerUnavailableError as exc:
-                self._stopping.wait(self._broker.failed(exc))
+                delay = self._consume_backoff.failed(exc)
+                with self.health.waiting_on_broker():
+                    self._stopping.wait(delay)
         return False
 
     def _make_producer(self) -> Producer:
@@ -309,11 +314,12 @@ class StreamService:
             if self._consumer is None:  # stopped while reconnecting
                 return
         self.health.tick()
-        self._drain_results(block=bool(self._outstanding), timeout_s=self._wait_s(time.monotonic()))
+        self._drain_results(block=bool(self._compute.outstanding), timeout_s=self._wait_s(time.monotonic()))
         self._drain_acks()
         self._commit_if_due()
         in_flight = self._apply_backpressure()
         now = time.monotonic()
+        self._apply_pauses(now)
         records = self._poll(now, in_flight)
         now = time.monotonic()
         if records:
@@ -331,24 +337,51 @@ class StreamService:
         millisecond of CPU in the client's threads, which on a small CPU is the model's time.
         A full pipeline accepts nothing until a result comes, so it waits the longest.
         """
-        if self._outstanding >= _PIPELINE_DEPTH:
+        if self._compute.full:
             return _IDLE_POLL_S
-        longest = _RUNNING_POLL_S if self._outstanding else _IDLE_POLL_S
+        longest = _RUNNING_POLL_S if self._compute.outstanding else _IDLE_POLL_S
         until_due = self._batcher.seconds_until_due(now)
         return longest if until_due is None else min(longest, until_due)
 
     def _poll(self, now: float, in_flight: int) -> list[Record]:
         assert self._consumer is not None
-        timeout = 0.0 if self._outstanding else self._wait_s(now)
+        timeout = 0.0 if self._compute.outstanding else self._wait_s(now)
         room = self._settings.batching.max_in_flight - in_flight
-        return self._consumer.poll(timeout, max(1, min(self._kafka.max_poll_records, room)))
+        try:
+            records = self._consumer.poll(timeout, max(1, min(self._kafka.max_poll_records, room)))
+        except UnreadableRecordError as exc:
+            self._skip_unreadable(exc)
+            return []
+        self._consume_backoff.ok()
+        return records
+
+    def _skip_unreadable(self, exc: UnreadableRecordError) -> None:
+        """Dead-letter the coordinates of a record the client cannot parse, and read on after it."""
+        assert self._consumer is not None
+        tp = Partition(exc.topic, exc.partition)
+        log_event(
+            logger, "unreadable_record", logging.WARNING, partition=f"{tp[0]}:{tp[1]}", offset=exc.offset
+        )
+        if tp not in self._consumer.assignment():
+            return
+        record = Record(exc.topic, exc.partition, exc.offset, None, None, (), None)
+        entry = self._tracker.track(tp, exc.offset)
+        self.metrics.messages_consumed.labels(topic=exc.topic).inc()
+        self.metrics.dead_letters.labels(reason=UNREADABLE_RECORD).inc()
+        rejected = Rejected(UNREADABLE_RECORD, str(exc))
+        self._send(
+            minimal_dead_letter(record, rejected, self._kafka.dead_letter_topic), entry, record, _MINIMAL
+        )
+        entry.seal()
+        self._tracker.settle(entry)
+        self._consumer.seek(tp, exc.offset + 1)
 
     def _accept(self, records: list[Record], now: float) -> None:
         per_topic: Counter[str] = Counter()
         for record in records:
             per_topic[record.topic] += 1
             entry = self._tracker.track(record.tp, record.offset)
-            decoded = self._decoder.decode(record)
+            decoded = self._rejected.get((record.tp, record.offset)) or self._decoder.decode(record)
             if isinstance(decoded, Rejected):
                 self._dead_letter(record, decoded, entry)
                 entry.seal()
@@ -360,39 +393,40 @@ class StreamService:
 
     def _submit_batches(self, now: float, *, everything: bool) -> None:
         """Hand due batches (all batched items when ``everything``) to the compute thread."""
-        while (
-            self._outstanding < _PIPELINE_DEPTH
-            and len(self._batcher)
-            and (everything or self._batcher.due(now))
-        ):
+        while not self._compute.full and len(self._batcher) and (everything or self._batcher.due(now)):
             items = self._batcher.take()
-            runtime = self._runtime
-            try:
-                prepared: PreparedBatch | None = runtime.prepare([item.decoded.text for item in items])
-            except Exception as exc:  # the compute thread isolates the failing messages
-                log_event(logger, "prepare_failed", logging.WARNING, error=repr(exc), batch=len(items))
-                prepared = None
-            self._jobs.put(_Job(items, runtime, prepared))
-            self._outstanding += 1
+            self._compute.submit(items, [item.decoded.text for item in items])
 
     def _drain_results(self, *, block: bool, timeout_s: float = 0.0) -> None:
-        while self._outstanding:
-            try:
-                result = (
-                    self._results.get(block=block, timeout=timeout_s) if block else self._results.get_nowait()
-                )
-            except queue.Empty:
-                return
-            self._outstanding -= 1
-            if isinstance(result, BaseException):
-                raise result
-            self._publish(result)
+        while (result := self._compute.take(block=block, timeout_s=timeout_s)) is not None:
+            if result.broken is not None:
+                self._runtime_broken(result)
+            else:
+                if self._runtime_backoff.failing:
+                    self._runtime_backoff.ok()
+                    self.health.set_model_loaded(True)
+                self._publish(result)
             block = False
 
-    def _publish(self, result: _Result) -> None:
-        runtime = result.runtime
-        classes = runtime.labels
-        version = runtime.version
+    def _runtime_broken(self, result: Result[_Item]) -> None:
+        """Re-read the batch later, with every partition paused for a growing backoff.
+
+        A batch whose messages were all rewound already (queued behind the first broken one)
+        is stale and counts for nothing.
+        """
+        current = {item.record.tp for item in result.items if self._tracker.is_current(item.entry)}
+        if not current:
+            return
+        self.metrics.runtime_failures.inc()
+        delay = self._runtime_backoff.failed(result.broken or "")
+        self.health.set_model_loaded(False)
+        for tp in current:
+            self._rewind(tp)
+        self._all_held_until = time.monotonic() + delay
+
+    def _publish(self, result: Result[_Item]) -> None:
+        classes = result.classifier.labels
+        version = result.classifier.version
         topic = self._kafka.output_topic
         predicted: Counter[str] = Counter()
         published: list[int] = []
@@ -414,7 +448,8 @@ class StreamService:
                 model_version=version,
                 topic=topic,
             )
-            self._send(out, item.entry, item.record.timestamp_ms)
+            if not self._send(out, item.entry, item.record, _OUTPUT, item.record.timestamp_ms):
+                continue
             predicted[label] += 1
             self.metrics.confidence.observe(confidence)
             published.append(index)
@@ -427,16 +462,16 @@ class StreamService:
         for label, count in predicted.items():
             self.metrics.predictions.labels(label=label).inc(count)
 
-    def _run_hook(self, result: _Result, published: list[int], labels: list[str]) -> None:
+    def _run_hook(self, result: Result[_Item], published: list[int], labels: list[str]) -> None:
         assert self._publish_hook is not None
         items = [result.items[i] for i in published]
         batch = PublishedBatch(
             records=[item.record for item in items],
             texts=[item.decoded.text for item in items],
             probabilities=result.probabilities[published],
-            classes=result.runtime.labels,
+            classes=result.classifier.labels,
             labels=labels,
-            model_version=result.runtime.version,
+            model_version=result.classifier.version,
         )
         try:
             extras = list(self._publish_hook(batch))
@@ -444,17 +479,35 @@ class StreamService:
             log_event(logger, "publish_hook_failed", logging.ERROR, error=repr(exc))
             return
         for index, record in extras:
-            self._send(record, items[index].entry, None)
+            self._send(record, items[index].entry, items[index].record, _OUTPUT)
 
     def _dead_letter(self, record: Record, rejected: Rejected, entry: Pending) -> None:
         out = encode_dead_letter(
             record, rejected, self._kafka.dead_letter_topic, self._kafka.max_request_size
         )
         self.metrics.dead_letters.labels(reason=rejected.reason).inc()
-        self._send(out, entry, None)
+        self._send(out, entry, record, _DEAD_LETTER, rejected=rejected)
 
-    def _send(self, out: OutgoingRecord, entry: Pending, timestamp_ms: int | None) -> None:
+    def _send(
+        self,
+        out: OutgoingRecord,
+        entry: Pending,
+        source: Record,
+        kind: str,
+        timestamp_ms: int | None = None,
+        *,
+        rejected: Rejected | None = None,
+    ) -> bool:
+        """Produce ``out`` for ``entry``'s message; False when it was too large to try.
+
+        A too-large output dead-letters its input instead (``output_too_large``).
+        """
         assert self._producer is not None
+        size = record_size(out.key, out.value, out.headers)
+        if size > self._kafka.max_request_size:
+            message = f"the output is {size} bytes; kafka.max_request_size is {self._kafka.max_request_size}"
+            self._replace_refused(entry, source, kind, rejected, Rejected(OUTPUT_TOO_LARGE, message))
+            return False
         acks = self._acks
         entry.sent()
         if self._exactly_once and not self._in_transaction:
@@ -462,12 +515,39 @@ class StreamService:
             self._in_transaction = True
 
         def delivered(error: BaseException | None) -> None:
-            acks.put((entry, error, timestamp_ms))
+            acks.put(_Ack(entry, error, timestamp_ms, source, kind, rejected))
 
         try:
             self._producer.send(out.topic, out.value, key=out.key, headers=out.headers, on_delivery=delivered)
-        except BrokerUnavailableError as exc:
+        except (BrokerUnavailableError, RecordRejectedError) as exc:
             delivered(exc)
+        return True
+
+    def _replace_refused(
+        self, entry: Pending, source: Record, kind: str, rejected: Rejected | None, why: Rejected
+    ) -> None:
+        """Send the next form of a record the broker will not take: output -> dead letter -> minimal."""
+        if kind == _OUTPUT:
+            self._remember_rejection(source, why)
+            self._dead_letter(source, why, entry)
+        elif kind == _DEAD_LETTER:
+            reason = rejected or why
+            letter = Rejected(reason.reason, f"{reason.message} (full dead letter refused: {why.message})")
+            self._send(
+                minimal_dead_letter(source, letter, self._kafka.dead_letter_topic), entry, source, _MINIMAL
+            )
+        else:
+            raise TransportError(
+                f"the dead-letter topic {self._kafka.dead_letter_topic!r} refuses even a minimal dead letter "
+                f"for {source.topic}:{source.partition}:{source.offset} ({why.message}); check that topic's "
+                "ACLs (WRITE for this principal) and its max.message.bytes"
+            )
+
+    def _remember_rejection(self, record: Record, rejected: Rejected) -> None:
+        """Dead-letter this input directly if it is read again (after a rewind or an abort)."""
+        self._rejected[(record.tp, record.offset)] = Rejected(OUTPUT_REJECTED, rejected.message)
+        while len(self._rejected) > _REJECTED_MEMORY:
+            self._rejected.popitem(last=False)
 
     def _drain_acks(self) -> None:
         assert self._producer is not None
@@ -475,39 +555,54 @@ class StreamService:
         now_ms = time.time() * 1000
         while True:
             try:
-                entry, error, timestamp_ms = self._acks.get_nowait()
+                ack = self._acks.get_nowait()
             except queue.Empty:
                 return
+            entry = ack.entry
             if not self._tracker.is_current(entry):
                 continue
-            if error is not None:
-                self.metrics.produce_errors.inc()
-                self._rewind(entry.owner.partition, error)
+            if ack.error is None:
+                entry.acknowledged()
+                self._tracker.settle(entry)
+                self._delivery_backoff.ok()
+                if ack.timestamp_ms is not None and ack.timestamp_ms > 0:
+                    self.metrics.end_to_end_latency.observe(max(0.0, (now_ms - ack.timestamp_ms) / 1000))
                 continue
-            entry.acknowledged()
-            self._tracker.settle(entry)
-            if timestamp_ms is not None and timestamp_ms > 0:
-                self.metrics.end_to_end_latency.observe(max(0.0, (now_ms - timestamp_ms) / 1000))
+            self.metrics.produce_errors.inc()
+            if isinstance(ack.error, RecordRejectedError):
+                log_event(logger, "record_rejected", logging.WARNING, kind=ack.kind, error=str(ack.error))
+                why = Rejected(OUTPUT_REJECTED, str(ack.error)[:500])
+                self._replace_refused(entry, ack.source, ack.kind, ack.rejected, why)
+                entry.acknowledged()  # this record is settled: its replacement now holds the message
+                self._tracker.settle(entry)
+                continue
+            partition = entry.owner.partition
+            log_event(
+                logger,
+                "delivery_failed",
+                logging.WARNING,
+                partition=f"{partition[0]}:{partition[1]}",
+                resume_offset=self._tracker.resume_point(partition),
+                error=repr(ack.error),
+            )
+            self._rewind(partition)
+            self._held[partition] = time.monotonic() + self._delivery_backoff.failed(ack.error)
 
-    def _rewind(self, partition: Partition, error: BaseException) -> None:
-        """Re-read ``partition`` from its oldest unacknowledged message (a delivery failed)."""
-        log_event(
-            logger,
-            "delivery_failed",
-            logging.WARNING,
-            partition=f"{partition[0]}:{partition[1]}",
-            resume_offset=self._tracker.resume_point(partition),
-            error=repr(error),
-        )
-        self._forget({partition})
-        self._stopping.wait(self._broker.failed(error))
+    def _rewind(self, partition: Partition) -> None:
+        """Re-read ``partition`` from its oldest pending message; its commit point stays."""
+        resume = self._tracker.rewind(partition)
+        if resume is None:
+            return
+        self._batcher.drop(lambda item: item.record.tp == partition)
+        if self._consumer is not None and partition in self._consumer.assignment():
+            self._consumer.seek(partition, resume)
 
     def _forget(self, partitions: set[Partition]) -> None:
         """Drop the in-flight work of ``partitions`` uncommitted, so that it is read again.
 
-        A partition this consumer still holds (a delivery failed, or kafka-python revoked and
-        re-assigned it, keeping its fetch position) is sought back to its oldest dropped
-        message; one that moved elsewhere is read by its new owner from the committed offset.
+        A partition this consumer still holds (kafka-python revoked and re-assigned it,
+        keeping its fetch position) is sought back to its oldest dropped message; one that
+        moved elsewhere is read by its new owner from the committed offset.
         """
         resume = {tp: self._tracker.resume_point(tp) for tp in partitions}
         held = self._consumer.assignment() if self._consumer is not None else set()
@@ -519,6 +614,7 @@ class StreamService:
             offset = resume[tp]
             if offset is not None and tp in held and self._consumer is not None:
                 self._consumer.seek(tp, offset)
+            self._held.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
 
@@ -559,23 +655,24 @@ class StreamService:
         assert self._consumer is not None and self._producer is not None
         if not self._in_transaction:
             return
-        while len(self._batcher) or self._outstanding:
+        deadline = time.monotonic() + _TRANSACTION_TIMEOUT_S
+        while (len(self._batcher) or self._compute.outstanding) and time.monotonic() < deadline:
             self._submit_batches(time.monotonic(), everything=True)
             self._drain_results(block=True, timeout_s=0.5)
             self._drain_acks()
-        flushed = self._flush(_TRANSACTION_TIMEOUT_S)
+        flushed = self._flush(max(0.0, deadline - time.monotonic()))
         self._drain_acks()
         offsets = self._tracker.to_commit()
         try:
             if not flushed or self._tracker.in_flight():
-                raise BrokerUnavailableError("not every record of the transaction was acknowledged")
+                raise BrokerUnavailableError("not every record of the transaction was acknowledged in time")
             with self.health.waiting_on_broker():
                 if offsets:
                     self._producer.send_offsets_to_transaction(
                         offsets, self._consumer, _TRANSACTION_TIMEOUT_S
                     )
                 self._producer.commit_transaction(_TRANSACTION_TIMEOUT_S)
-        except BrokerUnavailableError as exc:
+        except (BrokerUnavailableError, RecordRejectedError) as exc:
             self._abort_transaction(exc)
             return
         self._in_transaction = False
@@ -592,13 +689,20 @@ class StreamService:
         self._reconnect = True
 
     def _reconnect_clients(self) -> None:
-        """Drop all in-flight state and rejoin: consumption resumes from the committed offsets."""
+        """Drop all in-flight state and rejoin: consumption resumes from the committed offsets.
+
+        Every partition's state goes, commit points included: one reached inside the aborted
+        transaction was never committed.
+        """
         self._reconnect = False
         self._forget(set(self._tracker.partitions()))
-        while self._outstanding:  # stale now: drained, not published
+        self._tracker.drop(set(self._tracker.partitions()))
+        while self._compute.outstanding:  # stale now: drained, not published
             self._drain_results(block=True, timeout_s=_TRANSACTION_TIMEOUT_S)
         consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
+        self._paused.clear()
+        self._held.clear()
         if consumer is not None:
             self._close(consumer.close)
         if producer is not None:
@@ -611,19 +715,32 @@ class StreamService:
             return self._producer.flush(timeout_s)
 
     def _apply_backpressure(self) -> int:
-        assert self._consumer is not None
         in_flight = self._tracker.in_flight()
         self.metrics.in_flight.set(in_flight)
         limit = self._settings.batching.max_in_flight
-        if not self._paused and in_flight >= limit:
-            self._consumer.pause(self._consumer.assignment())
-            self._paused = True
+        if not self._backpressure and in_flight >= limit:
+            self._backpressure = True
             log_event(logger, "consumption_paused", in_flight=in_flight)
-        elif self._paused and in_flight <= limit // 2:
-            self._consumer.resume(self._consumer.assignment())
-            self._paused = False
+        elif self._backpressure and in_flight <= limit // 2:
+            self._backpressure = False
             log_event(logger, "consumption_resumed", in_flight=in_flight)
         return in_flight
+
+    def _apply_pauses(self, now: float) -> None:
+        """Pause exactly the partitions that backpressure, a broken runtime or a failed delivery hold."""
+        if self._consumer is None:
+            return
+        assigned = self._consumer.assignment()
+        for tp, until in list(self._held.items()):
+            if until <= now or tp not in assigned:
+                del self._held[tp]
+        wanted = assigned if self._backpressure or now < self._all_held_until else set(self._held)
+        self._paused &= assigned
+        if pause := wanted - self._paused:
+            self._consumer.pause(pause)
+        if resume := self._paused - wanted:
+            self._consumer.resume(resume)
+        self._paused = set(wanted)
 
     def _refresh_lag(self) -> None:
         assert self._consumer is not None
@@ -631,19 +748,22 @@ class StreamService:
         if not assigned:
             return
         try:
-            ends = self._consumer.end_offsets(assigned)
-            for tp in assigned:
-                lag = max(0, ends.get(tp, 0) - self._consumer.position(tp))
-                self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+            with self.health.waiting_on_broker():
+                ends = self._consumer.end_offsets(assigned)
+                positions = {tp: self._consumer.position(tp) for tp in assigned}
         except BrokerUnavailableError as exc:
             log_event(logger, "lag_refresh_failed", logging.DEBUG, error=str(exc))
+            return
+        for tp in assigned:
+            lag = max(0, ends.get(tp, 0) - positions[tp])
+            self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
 
-    def _shutdown(self, compute: threading.Thread) -> None:
+    def _shutdown(self) -> None:
         deadline = time.monotonic() + self._settings.processing.shutdown_timeout_s
         log_event(logger, "service_stopping", in_flight=self._tracker.in_flight())
         try:
             if self._consumer is not None and self._producer is not None:
-                while (len(self._batcher) or self._outstanding) and time.monotonic() < deadline:
+                while (len(self._batcher) or self._compute.outstanding) and time.monotonic() < deadline:
                     self._submit_batches(time.monotonic(), everything=True)
                     self._drain_results(block=True, timeout_s=max(0.0, min(0.5, deadline - time.monotonic())))
                     self._drain_acks()
@@ -651,8 +771,6 @@ class StreamService:
                 self._drain_acks()
                 self._commit()
         finally:
-            with contextlib.suppress(queue.Full):
-                self._jobs.put_nowait(None)
             self.health.set_consumer_joined(False)
             self.health.set_producer_connected(False)
             consumer, producer = self._consumer, self._producer
@@ -660,7 +778,7 @@ class StreamService:
                 self._close(consumer.close)
             if producer is not None:
                 self._close(lambda: producer.close(max(0.0, deadline - time.monotonic())))
-            compute.join(timeout=max(0.0, deadline - time.monotonic()))
+            self._compute.stop(max(0.0, deadline - time.monotonic()))
             log_event(logger, "service_stopped", uncommitted=self._tracker.in_flight())
 
     @staticmethod
@@ -670,63 +788,19 @@ class StreamService:
         except Exception as exc:
             log_event(logger, "close_failed", logging.WARNING, error=repr(exc))
 
-    # ------------------------------------------------------------------ compute thread
+    # ------------------------------------------------------------------ the model
 
-    def _compute_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                self._results.put(self._infer(job))
-            except BaseException as exc:  # a bug: hand it to the I/O thread, which raises it
-                self._results.put(exc)
+    def _swapped(self, old: Classifier, new: Classifier) -> None:
+        """Runs on the compute thread, between batches."""
+        self._announce_model(new)
+        self.metrics.model_swaps.inc()
+        log_event(logger, "model_swapped", old_version=old.version, new_version=new.version)
 
-    def _current_runtime(self) -> ModelRuntime:
-        with self._swap_lock:
-            incoming, self._next_runtime = self._next_runtime, None
-        if incoming is not None and incoming is not self._runtime:
-            old = self._runtime.version
-            self._runtime = incoming
-            self._announce_model(incoming)
-            self.metrics.model_swaps.inc()
-            log_event(logger, "model_swapped", old_version=old, new_version=incoming.version)
-        return self._runtime
-
-    def _infer(self, job: _Job) -> _Result:
-        runtime = self._current_runtime()
-        texts = [item.decoded.text for item in job.items]
-        started = time.perf_counter()
-        try:
-            prepared = job.prepared if job.runtime is runtime and job.prepared is not None else None
-            probabilities = runtime.infer(prepared if prepared is not None else runtime.prepare(texts))
-            failed: dict[int, str] = {}
-        except Exception as exc:
-            log_event(logger, "batch_inference_failed", logging.WARNING, error=repr(exc), batch=len(texts))
-            probabilities, failed = self._infer_one_by_one(runtime, texts)
-        self.metrics.inference_seconds.observe(time.perf_counter() - started)
-        self.metrics.batch_size.observe(len(texts))
-        return _Result(job.items, probabilities, failed, runtime)
-
-    @staticmethod
-    def _infer_one_by_one(runtime: ModelRuntime, texts: list[str]) -> tuple[np.ndarray, dict[int, str]]:
-        """Isolate the messages that fail alone; the others get their probabilities."""
-        probabilities = np.zeros((len(texts), len(runtime.labels)), dtype=np.float32)
-        failed: dict[int, str] = {}
-        for index, text in enumerate(texts):
-            try:
-                probabilities[index] = runtime.predict_proba([text])[0]
-            except Exception as exc:
-                failed[index] = f"inference failed: {type(exc).__name__}: {str(exc)[:200]}"
-        return probabilities, failed
-
-    # ------------------------------------------------------------------ metrics
-
-    def _announce_model(self, runtime: ModelRuntime) -> None:
+    def _announce_model(self, runtime: Classifier) -> None:
         self.metrics.model_info.info(
             {
                 "version": runtime.version,
-                "base_model": str(runtime.bundle.metadata.base_model or ""),
+                "base_model": runtime.base_model,
                 "device": str(runtime.device),
                 "precision": str(runtime.precision),
             }

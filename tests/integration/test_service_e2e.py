@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stream_classifier.model.runtime import ModelRuntime
-from stream_classifier.ops.metrics import DEAD_LETTER_REASONS
+from stream_classifier.ops.metrics import DEAD_LETTER_REASONS, PREFIX
 from stream_classifier.stream import codec
 from tests.fixtures.broker import TRANSPORTS, committed_offsets, produce, read_all
 from tests.integration.service_support import output_body, running_service, service_settings, wait_until
@@ -98,6 +98,8 @@ def test_every_dead_letter_reason(broker: str, topic_factory, kafka_settings, ti
         ("missing_text", b'{"body": "x"}'),
         ("text_not_string", b'{"text": 5}'),
         ("empty_text", b'{"text": "   "}'),
+        ("invalid_text", b'{"text": "lone \\ud800 surrogate"}'),
+        ("invalid_id", b'{"text": "fine", "id": "\\udfff"}'),
         (None, b'{"text": "a fine message", "id": "ok-1"}'),
         ("inference_failed", b'{"text": "POISON pill"}'),
         (None, b'{"text": "another fine message", "id": "ok-2"}'),
@@ -112,12 +114,12 @@ def test_every_dead_letter_reason(broker: str, topic_factory, kafka_settings, ti
     )
 
     with running_service(settings, runtime) as service:
-        letters = read_all(broker, dlq, 9)
+        letters = read_all(broker, dlq, 11)
         outputs = read_all(broker, out, 2)
         metrics = service.metrics
 
     assert sorted(output_body(r)["id"] for r in outputs) == ["ok-1", "ok-2"]
-    assert len(letters) == 9
+    assert len(letters) == 11
     for record in letters:
         headers = dict(record.headers)
         reason = headers["error"].decode()
@@ -131,7 +133,7 @@ def test_every_dead_letter_reason(broker: str, topic_factory, kafka_settings, ti
             assert big.startswith(record.value) and len(record.value) < len(big)
         else:
             assert record.value == cases[index][1]
-        assert metrics.dead_letters.labels(reason=reason)._value.get() == 1
+        assert metrics.registry.get_sample_value(f"{PREFIX}_dead_letters_total", {"reason": reason}) == 1
     assert set(DEAD_LETTER_REASONS) >= {dict(r.headers)["error"].decode() for r in letters}
 
 

@@ -1,8 +1,6 @@
 """The serving loop against records and failures no single one of which may crash, stall or loop it
 (issue 12 items 3, 4, 5 and 11), on the in-memory transport and the stub classifier.
 
-Each test is marked ``xfail(strict=True)`` until its fix is committed: the mark must go with
-the fix (a strict xfail that passes fails the run).
 """
 
 from __future__ import annotations
@@ -42,9 +40,6 @@ class OutOfMemoryError(RuntimeError):
     """Named like torch's CUDA out-of-memory error."""
 
 
-@pytest.mark.xfail(
-    reason="issue 12 item 3: a refused output dead-letters its input (output_rejected)", strict=True
-)
 @pytest.mark.parametrize("at", ["callback", "send"])
 def test_an_output_refused_for_good_dead_letters_its_input_and_the_partition_goes_on(at: str) -> None:
     rig = ServiceRig(partitions=2)
@@ -64,7 +59,6 @@ def test_an_output_refused_for_good_dead_letters_its_input_and_the_partition_goe
     assert rig.metric("dead_letters_total", reason="output_rejected") == 1
 
 
-@pytest.mark.xfail(reason="issue 12 item 3: a refused dead letter falls back to a minimal one", strict=True)
 def test_a_refused_dead_letter_falls_back_to_a_minimal_one() -> None:
     rig = ServiceRig()
     inputs = rig.send_many(8)
@@ -81,7 +75,6 @@ def test_a_refused_dead_letter_falls_back_to_a_minimal_one() -> None:
     assert rig.sources() == {0: [0, 1, 2, 4, 5, 6, 7]}
 
 
-@pytest.mark.xfail(reason="issue 12 item 3: the whole record's size is checked before producing", strict=True)
 def test_a_key_over_max_request_size_dead_letters_its_input_minimally() -> None:
     rig = ServiceRig(unit_settings(kafka={"max_request_size": 1024}))
     with rig:
@@ -95,7 +88,6 @@ def test_a_key_over_max_request_size_dead_letters_its_input_minimally() -> None:
     assert [body(r)["id"] for r in rig.outputs()] == [f"{IN}:0:0", f"{IN}:0:2"]
 
 
-@pytest.mark.xfail(reason="issue 12 item 4: transient produce failures must not stop the loop", strict=True)
 def test_many_partitions_failing_at_once_do_not_stop_the_loop_for_longer_than_liveness() -> None:
     limit_s = 1.0
     settings = unit_settings(batching={"max_batch_size": 64}, metrics={"liveness_timeout_s": limit_s})
@@ -113,7 +105,6 @@ def test_many_partitions_failing_at_once_do_not_stop_the_loop_for_longer_than_li
     assert {p: set(offsets) for p, offsets in rig.sources().items()} == {p: set(range(4)) for p in range(4)}
 
 
-@pytest.mark.xfail(reason="issue 12 item 5: an unreadable record is dead-lettered and skipped", strict=True)
 def test_an_unreadable_record_is_dead_lettered_by_its_coordinates_and_the_partition_goes_on() -> None:
     rig = ServiceRig()
     rig.send_many(10)
@@ -126,7 +117,6 @@ def test_an_unreadable_record_is_dead_lettered_by_its_coordinates_and_the_partit
     assert rig.metric("dead_letters_total", reason="unreadable_record") == 1
 
 
-@pytest.mark.xfail(reason="issue 12 item 11: a broken runtime pauses; no dead letters for it", strict=True)
 @pytest.mark.parametrize("error", [RuntimeError, OutOfMemoryError])
 def test_a_broken_runtime_pauses_consumption_turns_not_ready_and_dead_letters_nothing(
     error: type[Exception],

@@ -1,0 +1,40 @@
+"""What the serving loop sees of a model: the :class:`Classifier` protocol (imports no torch).
+
+:class:`~stream_classifier.model.runtime.ModelRuntime` implements it; the unit tier's stub
+does too. ``prepare`` runs on the I/O thread (tokenising), ``infer`` only on the compute
+thread; ``predict_proba`` is both in one call, for isolating a failing message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+class Classifier(Protocol):
+    @property
+    def labels(self) -> list[str]:
+        """The class names, in the order of the probability columns."""
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def base_model(self) -> str: ...
+
+    @property
+    def device(self) -> object: ...
+
+    @property
+    def precision(self) -> object: ...
+
+    def prepare(self, texts: Sequence[str]) -> Any:
+        """The texts made ready for :meth:`infer` (tokenised, sorted, padded)."""
+
+    def infer(self, prepared: Any) -> NDArray[np.float32]:
+        """Probabilities, one row per text of ``prepared``, in input order."""
+
+    def predict_proba(self, texts: Sequence[str]) -> NDArray[np.float32]: ...
