@@ -553,12 +553,16 @@ class StreamService:
         assert self._producer is not None
         self._producer.poll(0)
         now_ms = time.time() * 1000
+        delivered = False
         while True:
             try:
                 ack = self._acks.get_nowait()
             except queue.Empty:
+                if delivered:
+                    self.health.producer_acknowledged()
                 return
             entry = ack.entry
+            delivered = delivered or ack.error is None
             if not self._tracker.is_current(entry):
                 continue
             if ack.error is None:
@@ -585,6 +589,7 @@ class StreamService:
                 resume_offset=self._tracker.resume_point(partition),
                 error=repr(ack.error),
             )
+            self.health.set_producer_connected(False)
             self._rewind(partition)
             self._held[partition] = time.monotonic() + self._delivery_backoff.failed(ack.error)
 
@@ -701,6 +706,8 @@ class StreamService:
             self._drain_results(block=True, timeout_s=_TRANSACTION_TIMEOUT_S)
         consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
+        self.health.set_producer_connected(False)
+        self.health.set_consumer_joined(False)
         self._paused.clear()
         self._held.clear()
         if consumer is not None:

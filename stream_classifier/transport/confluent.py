@@ -113,17 +113,13 @@ def _call(action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
         raise _translate(exc, action) from exc
 
 
-class _ConnectionState:
-    """``connected()`` for librdkafka, which reconnects silently: set by its error callback."""
+def _error_logger(role: str) -> Callable[[ck.KafkaError], None]:
+    """librdkafka's error callback: it reconnects by itself, so its errors are only logged."""
 
-    def __init__(self, role: str) -> None:
-        self.up = True
-        self._role = role
+    def on_error(error: ck.KafkaError) -> None:
+        log_event(logger, "kafka_client_error", logging.DEBUG, role=role, error=error.str())
 
-    def on_error(self, error: ck.KafkaError) -> None:
-        if error.code() == ck.KafkaError._ALL_BROKERS_DOWN:
-            self.up = False
-        log_event(logger, "kafka_client_error", logging.DEBUG, role=self._role, error=error.str())
+    return on_error
 
 
 def _record(message: Any) -> Record:
@@ -162,10 +158,9 @@ def _tps(partitions: Iterable[Partition], offsets: Mapping[Partition, int] | Non
 
 class ConfluentConsumer:
     def __init__(self, settings: KafkaSettings, *, read_committed: bool = False) -> None:
-        self._state = _ConnectionState("consumer")
         cfg = confluent_consumer_config(settings, read_committed=read_committed)
         log_event(logger, "kafka_consumer_config", config=describe_client_config(cfg))
-        cfg.update(error_cb=self._state.on_error, logger=_librdkafka_logger)
+        cfg.update(error_cb=_error_logger("consumer"), logger=_librdkafka_logger)
         self._consumer = _call("connecting the consumer", ck.Consumer, cfg)
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
@@ -189,7 +184,6 @@ class ConfluentConsumer:
                 log_event(logger, "kafka_consumer_error", logging.DEBUG, error=error.str())
                 continue
             records.append(_record(message))
-        self._state.up = True
         return records
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
@@ -229,19 +223,15 @@ class ConfluentConsumer:
     def group_metadata(self) -> object:
         return _call("reading the group metadata", self._consumer.consumer_group_metadata)
 
-    def connected(self) -> bool:
-        return self._state.up
-
     def close(self) -> None:
         _call("closing the consumer", self._consumer.close)
 
 
 class ConfluentProducer:
     def __init__(self, settings: KafkaSettings, *, transactional_id: str | None = None) -> None:
-        self._state = _ConnectionState("producer")
         cfg = confluent_producer_config(settings, transactional_id=transactional_id)
         log_event(logger, "kafka_producer_config", config=describe_client_config(cfg))
-        cfg.update(error_cb=self._state.on_error, logger=_librdkafka_logger)
+        cfg.update(error_cb=_error_logger("producer"), logger=_librdkafka_logger)
         self._producer = _call("connecting the producer", ck.Producer, cfg)
 
     def send(
@@ -304,9 +294,6 @@ class ConfluentProducer:
 
     def abort_transaction(self, timeout_s: float) -> None:
         _call("aborting the transaction", self._producer.abort_transaction, timeout_s)
-
-    def connected(self) -> bool:
-        return self._state.up
 
     def close(self, timeout_s: float) -> None:
         self._producer.flush(timeout_s)

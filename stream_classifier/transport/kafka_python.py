@@ -213,9 +213,6 @@ class KafkaPythonConsumer:
     def group_metadata(self) -> object:
         return self._consumer.group_metadata()
 
-    def connected(self) -> bool:
-        return bool(self._consumer.bootstrap_connected())
-
     def close(self) -> None:
         _call("closing the consumer", self._consumer.close, autocommit=False)
 
@@ -278,9 +275,6 @@ class KafkaPythonProducer:
 
     def abort_transaction(self, timeout_s: float) -> None:
         _call("aborting the transaction", self._producer.abort_transaction)
-
-    def connected(self) -> bool:
-        return bool(self._producer.bootstrap_connected())
 
     def close(self, timeout_s: float) -> None:
         self._producer.close(timeout=timeout_s)

@@ -433,9 +433,6 @@ class FakeConsumer:
         with self._lock:
             return ("group", self._generation)
 
-    def connected(self) -> bool:
-        return not self.closed
-
     def close(self) -> None:
         """Leave the group: no revocation reaches the listener (no poll serves it any more)."""
         self._check("close")
@@ -608,9 +605,6 @@ class FakeProducer:
             self._txn = None
             self._lock.notify_all()
         self._transport._deliver(self, BrokerUnavailableError("the transaction was aborted"))
-
-    def connected(self) -> bool:
-        return not self.closed
 
     def close(self, timeout_s: float) -> None:
         """Deliver what is ready; an open transaction is aborted (the broker's timeout, at once)."""
