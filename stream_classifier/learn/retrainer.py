@@ -267,15 +267,22 @@ class Retrainer:
     def run(self) -> None:
         """The schedule: every ``interval_s`` when enough fresh feedback arrived, or when asked.
 
-        The schedule starts once the feedback is read to its end; a request before that is
-        answered at once with a record saying why no run started (``failed`` while the
-        reader is failing, else ``skipped``), so that every request gets an answer.
+        The schedule starts once the feedback is read to its end. A request before that runs
+        as soon as it is read, or, while the reader is failing, is answered at once with a
+        ``failed`` record saying why, so that every request gets an answer.
         """
         retrain = self._settings.retrain
+        pending = False
         while not self._stop.is_set() and not self._feedback.caught_up.is_set():
             if self._requested.wait(0.5) and not self._stop.is_set():
                 self._requested.clear()
-                self._emit(self._unread_record())
+                pending = True
+            error = self._feedback.error
+            if pending and error is not None:
+                self._emit(self._unread_record(error))
+                pending = False
+        if pending and not self._stop.is_set():
+            self.run_once(trigger="request", force=True)
         next_tick = time.monotonic() + retrain.interval_s
         while not self._stop.is_set():
             asked = self._requested.wait(max(0.0, next_tick - time.monotonic()))
@@ -292,20 +299,16 @@ class Retrainer:
                 else:
                     log_event(logger, "retrain_not_due", logging.DEBUG, fresh=fresh)
 
-    def _unread_record(self) -> RunRecord:
-        """The record of a request made before the feedback was read to its end."""
+    def _unread_record(self, error: BaseException) -> RunRecord:
+        """The record of a request made while the feedback topics cannot be read."""
         record = RunRecord(
             run_id=new_version_id(), trigger="request", mode=self._settings.retrain.mode, champion=""
         )
-        error = self._feedback.error
-        if error is None:
-            record.outcome, record.reason = "skipped", "the feedback topics are still being read"
-        else:
-            record.outcome = "failed"
-            record.reason = (
-                f"the feedback topics cannot be read ({type(error).__name__}: {error}); "
-                "the reader retries with backoff"
-            )
+        record.outcome = "failed"
+        record.reason = (
+            f"the feedback topics cannot be read ({type(error).__name__}: {error}); "
+            "the reader retries with backoff"
+        )
         return record
 
     # ------------------------------------------------------------------ one run
