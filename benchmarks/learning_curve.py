@@ -53,12 +53,12 @@ import torch  # noqa: E402
 from kafka import KafkaProducer  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from stream_classifier.app import App  # noqa: E402
 from stream_classifier.config import Settings  # noqa: E402
 from stream_classifier.learn.retrainer import (  # noqa: E402
     Learning,
     RunRecord,
     merge_training_set,
-    start_learning,
     training_options,
 )
 from stream_classifier.learn.store import ModelStore  # noqa: E402
@@ -72,7 +72,6 @@ from stream_classifier.ops.metrics import Metrics  # noqa: E402
 from stream_classifier.stream.codec import OutgoingRecord  # noqa: E402
 from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics  # noqa: E402
 from stream_classifier.stream.service import PublishedBatch, StreamService  # noqa: E402
-from stream_classifier.transport import make_transport  # noqa: E402
 
 TOPICS = {
     "input": "lc-texts",
@@ -548,14 +547,12 @@ def main(argv: list[str] | None = None) -> int:
 
         metrics = Metrics(CollectorRegistry())
         counter = PublishCounter()
-        service = StreamService(
-            settings, runtime, metrics=metrics, transport=make_transport(settings.kafka), publish_hook=counter
-        )
-        serving = threading.Thread(target=service.run, name="serving", daemon=True)
-        serving.start()
-        learning = start_learning(settings, service, metrics, make_transport(settings.kafka))
-        assert learning is not None and learning.feedback is not None
-        try:
+        app = App(settings, runtime=runtime, metrics=metrics, publish_hook=counter, ops=False)
+        with app.running(join_timeout_s=60):
+            service = app.wait_started(timeout_s=60)
+            _wait(lambda: app.learning is not None, 60, "the learning side to start")
+            learning = app.learning
+            assert learning is not None and learning.feedback is not None
             _wait(learning.feedback.caught_up.is_set, 60, "the feedback reader to catch up")
             print(HEADER, flush=True)
             result["rounds"] = accuracy_curve(
@@ -582,10 +579,6 @@ def main(argv: list[str] | None = None) -> int:
                     + ("  [CONTAMINATED: machine not quiet]" if t["contaminated"] else ""),
                     flush=True,
                 )
-        finally:
-            learning.stop()
-            service.stop()
-            serving.join(60)
 
     result["wall_s"] = round(time.time() - started_at, 1)
     _write(args.out, result)

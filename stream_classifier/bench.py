@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -54,6 +53,7 @@ from prometheus_client import CollectorRegistry
 from sentence_transformers import SentenceTransformer
 from transformers import BertConfig, BertModel
 
+from stream_classifier.app import App
 from stream_classifier.config import Settings
 from stream_classifier.demo import _offline_minilm, sample_examples
 from stream_classifier.errors import ConfigError
@@ -62,8 +62,6 @@ from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread, r
 from stream_classifier.model.training import TrainingConfig, train_model
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics
-from stream_classifier.stream.service import StreamService
-from stream_classifier.transport import make_transport
 from stream_classifier.transport.kafka_python import crc32c_implementation
 
 try:
@@ -342,8 +340,6 @@ def _topics(bootstrap: str, partitions: int) -> dict[str, str]:
 def _running(settings: Any, runtime: Any) -> Iterator[tuple[Any, Callable[[], float]]]:
     """The service on a thread; yields it and a function counting its published predictions."""
     metrics = Metrics(CollectorRegistry())
-    service = StreamService(settings, runtime, metrics=metrics, transport=make_transport(settings.kafka))
-    thread = threading.Thread(target=service.run, name="bench-service", daemon=True)
 
     def published() -> float:
         return sum(
@@ -353,12 +349,9 @@ def _running(settings: Any, runtime: Any) -> Iterator[tuple[Any, Callable[[], fl
             if sample.name.endswith("_total")
         )
 
-    thread.start()
-    try:
-        yield service, published
-    finally:
-        service.stop()
-        thread.join(timeout=60)
+    app = App(settings, runtime=runtime, metrics=metrics, ops=False, learning=False)
+    with app.running(join_timeout_s=60):
+        yield app.wait_started(timeout_s=60), published
 
 
 def stage_pipeline(

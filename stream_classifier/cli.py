@@ -124,69 +124,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
-    import threading
-    import time
 
+    from stream_classifier.app import App
     from stream_classifier.config import load_settings
-    from stream_classifier.learn.retrainer import Learning, start_learning
-    from stream_classifier.learn.review import review_hook
-    from stream_classifier.learn.updates import load_runtime, resolve_serving_model
-    from stream_classifier.ops.health import HealthState
-    from stream_classifier.ops.http import start_ops_server
     from stream_classifier.ops.logs import configure_logging
-    from stream_classifier.ops.metrics import Metrics
-    from stream_classifier.stream.service import StreamService
-    from stream_classifier.transport import make_transport
 
     settings = load_settings(args.config)
     configure_logging(settings.logging.level)
+    app = App(settings)
     # A SIGTERM/SIGINT at any point, model load included, ends in the graceful shutdown.
-    stop_requested = threading.Event()
-    service: StreamService | None = None
-    learning: Learning | None = None
-
-    def _request_stop(_signum: int, _frame: object) -> None:
-        stop_requested.set()
-        if service is not None:
-            service.stop()
-
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _request_stop)
-
-    transport = make_transport(settings.kafka)  # validates the client settings first
-    metrics = Metrics()
-    health = HealthState(settings.metrics.liveness_timeout_s, ready_gauge=metrics.ready)
-    # The ops server answers from the start, so probes see 503 (not refused) during the load.
-    ops = start_ops_server(
-        settings.metrics,
-        metrics,
-        health,
-        lambda: learning.trigger() if learning is not None else False,
-        retrain_token=settings.retrain.api_token,
-    )
-    try:
-        # learn (issue 4): model.path, or with a model store its current version.
-        model_path = resolve_serving_model(settings)
-        started = time.perf_counter()
-        runtime = load_runtime(settings, model_path)
-        metrics.model_load_seconds.set(time.perf_counter() - started)
-        service = StreamService(
-            settings,
-            runtime,
-            metrics=metrics,
-            transport=transport,
-            publish_hook=review_hook(settings.active_learning, metrics),  # learn: active learning
-            health=health,
-        )
-        if stop_requested.is_set():
-            service.stop()
-        # learn (issue 4): follow model updates; the trainer (retrain.enabled) also retrains.
-        learning = start_learning(settings, service, metrics, transport)
-        service.run()
-    finally:
-        ops.stop()
-        if learning is not None:
-            learning.stop()
+        signal.signal(signum, lambda _signum, _frame: app.stop())
+    app.run()
     return 0
 
 

@@ -25,7 +25,6 @@ import importlib.resources
 import json
 import logging
 import random
-import threading
 import time
 import uuid
 from collections import Counter
@@ -37,6 +36,7 @@ from typing import Literal, TextIO
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
+from stream_classifier.app import App
 from stream_classifier.config import Settings, load_settings
 from stream_classifier.errors import StreamClassifierError, TransportError
 from stream_classifier.learn.updates import load_runtime, runtime_options
@@ -44,12 +44,8 @@ from stream_classifier.model.examples import Example, read_examples
 from stream_classifier.model.format import ModelBundle
 from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread
 from stream_classifier.model.training import TrainingConfig, train_model
-from stream_classifier.ops.http import start_ops_server
 from stream_classifier.ops.logs import log_event
-from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics
-from stream_classifier.stream.service import StreamService
-from stream_classifier.transport import make_transport
 from stream_classifier.transport.client_config import kafka_python_common_config
 
 logger = logging.getLogger(__name__)
@@ -446,26 +442,20 @@ def _create_topics(settings: Settings, console: Console) -> None:
 
 
 @contextlib.contextmanager
-def _serving(settings: Settings, runtime: ModelRuntime, console: Console) -> Iterator[StreamService]:
-    """The real service on its own thread, with the ops HTTP server; stopped gracefully on exit."""
-    metrics = Metrics()
-    service = StreamService(settings, runtime, metrics=metrics, transport=make_transport(settings.kafka))
-    ops = start_ops_server(settings.metrics, metrics, service.health)
-    host = "127.0.0.1" if ops.host in ("0.0.0.0", "::", "") else ops.host
-    console.step("metrics", f"http://{host}:{ops.port}/metrics   (health: /healthz, /readyz)")
-    thread = threading.Thread(target=service.run, name="demo-service", daemon=True)
-    thread.start()
-    try:
-        yield service
-    finally:
-        service.stop()
-        thread.join(timeout=settings.processing.shutdown_timeout_s + 5)
-        ops.stop()
+def _serving(settings: Settings, runtime: ModelRuntime, console: Console) -> Iterator[App]:
+    """The real service and ops HTTP server on their own thread; stopped gracefully on exit."""
+    app = App(settings, runtime=runtime, learning=False)
+    with app.running():
+        app.wait_started(timeout_s=60)
+        assert app.ops is not None
+        host = "127.0.0.1" if app.ops.host in ("0.0.0.0", "::", "") else app.ops.host
+        console.step("metrics", f"http://{host}:{app.ops.port}/metrics   (health: /healthz, /readyz)")
+        yield app
 
 
-def _wait_ready(service: StreamService, timeout_s: float) -> None:
+def _wait_ready(app: App, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while not service.health.snapshot().ready:
+    while not app.health.snapshot().ready:
         if time.monotonic() > deadline:
             raise TransportError(
                 f"the service did not join its consumer group within {timeout_s:.0f} s; "
@@ -518,8 +508,8 @@ def run_demo(options: DemoOptions, out: TextIO) -> int:
         bad = [(f"{run_id}-{key.decode()}".encode(), value) for key, value in BAD_MESSAGES]
         view = LiveView(console, texts, expected)
 
-        service = stack.enter_context(_serving(settings, runtime, console))
-        _wait_ready(service, timeout_s=60)
+        app = stack.enter_context(_serving(settings, runtime, console))
+        _wait_ready(app, timeout_s=60)
         watcher = OutputWatcher(settings, run_id)
         stack.callback(watcher.close)
         topic = settings.kafka.input_topics[0]

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,11 +17,11 @@ from typing import Any, NamedTuple
 import yaml
 from prometheus_client import CollectorRegistry
 
+from stream_classifier.app import App
 from stream_classifier.config import KafkaSettings, Settings
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.service import PublishHook, StreamService
-from stream_classifier.transport import make_transport
 from tests.fixtures.broker import (
     TEST_HEARTBEAT_MS,
     TEST_SESSION_TIMEOUT_MS,
@@ -45,32 +44,18 @@ def service_settings(kafka: KafkaSettings, **sections: Any) -> Settings:
 def running_service(
     settings: Settings, runtime: ModelRuntime, *, publish_hook: PublishHook | None = None
 ) -> Iterator[StreamService]:
-    """The service on a thread of this process; stopped (gracefully) on exit."""
-    service = StreamService(
+    """The service, built by the composition root, on a thread of this process; stopped
+    (gracefully) on exit, failing the test if it ended early or did not stop."""
+    app = App(
         settings,
-        runtime,
+        runtime=runtime,
         metrics=Metrics(CollectorRegistry()),
-        transport=make_transport(settings.kafka),
         publish_hook=publish_hook,
+        ops=False,
+        learning=False,
     )
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            service.run()
-        except BaseException as exc:
-            errors.append(exc)
-            raise
-
-    thread = threading.Thread(target=run, name="service-under-test", daemon=True)
-    thread.start()
-    try:
-        yield service
-    finally:
-        service.stop()
-        thread.join(timeout=60)
-    assert not thread.is_alive(), "the service did not stop"
-    assert not errors, f"the service failed: {errors[0]!r}"
+    with app.running(join_timeout_s=60):
+        yield app.wait_started(timeout_s=60)
 
 
 def wait_until(predicate: Any, timeout_s: float = 60.0, what: str = "condition") -> None:
