@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from stream_classifier import bench  # noqa: E402
+from stream_classifier.demo.embedded_broker import EmbeddedBroker  # noqa: E402
 from stream_classifier.model.runtime import ModelRuntime  # noqa: E402
-from stream_classifier.stream.embedded_broker import EmbeddedBroker  # noqa: E402
 
 
 def main() -> None:

@@ -34,10 +34,10 @@ from onnxruntime import InferenceSession, SessionOptions  # noqa: E402
 from onnxruntime.transformers import optimizer  # noqa: E402
 
 from stream_classifier.bench import bench_texts  # noqa: E402
-from stream_classifier.demo import _offline_minilm, sample_examples  # noqa: E402
 from stream_classifier.model.int8 import Int8Body, export_body, quantise  # noqa: E402
 from stream_classifier.model.runtime import ModelRuntime  # noqa: E402
 from stream_classifier.model.training import TrainingConfig, train_model  # noqa: E402
+from stream_classifier.samples import require_offline_minilm, sample_examples  # noqa: E402
 
 
 def main() -> None:
@@ -53,7 +53,12 @@ def main() -> None:
         runtime = ModelRuntime.load(args.model, device="cpu", precision="fp32")
     else:
         config = TrainingConfig(head_only=True, show_progress_bar=False)
-        bundle = train_model(sample_examples("train"), _offline_minilm(), config, device="cpu")
+        bundle = train_model(
+            sample_examples("train"),
+            str(require_offline_minilm("install the [embedded] extra")),
+            config,
+            device="cpu",
+        )
         runtime = ModelRuntime(bundle, device="cpu", precision="fp32")
     texts = bench_texts(800, 24)
     chunks = [c for i in range(0, len(texts), 64) for c in runtime.prepare(texts[i : i + 64]).chunks]

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # A child that blocks `import crc32c` does so before it imports this module (and kafka).
-from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics  # noqa: E402
+from stream_classifier.demo.embedded_broker import EmbeddedBroker, create_topics  # noqa: E402
 from stream_classifier.transport.kafka_python import crc32c_implementation  # noqa: E402
 
 VALUE = json.dumps({"text": "x" * 80, "id": "m"}).encode()

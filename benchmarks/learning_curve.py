@@ -55,6 +55,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from stream_classifier.app import App  # noqa: E402
 from stream_classifier.config import Settings  # noqa: E402
+from stream_classifier.demo.embedded_broker import EmbeddedBroker, create_topics  # noqa: E402
 from stream_classifier.learn.retrainer import (  # noqa: E402
     Learning,
     RunRecord,
@@ -70,7 +71,6 @@ from stream_classifier.model.training import TrainingConfig, train_model  # noqa
 from stream_classifier.ops.logs import configure_logging  # noqa: E402
 from stream_classifier.ops.metrics import Metrics  # noqa: E402
 from stream_classifier.stream.codec import OutgoingRecord  # noqa: E402
-from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics  # noqa: E402
 from stream_classifier.stream.service import PublishedBatch, StreamService  # noqa: E402
 
 TOPICS = {

@@ -63,11 +63,11 @@ def workers_scaling(
     import yaml
     from kafka import KafkaConsumer, TopicPartition
 
-    from stream_classifier.bench import bench_texts, build_random_body, produce_backlog
-    from stream_classifier.demo import sample_examples
+    from stream_classifier.bench import bench_texts, produce_backlog
+    from stream_classifier.demo.embedded_broker import EmbeddedBroker, create_topics
     from stream_classifier.model.format import save_model
     from stream_classifier.model.training import TrainingConfig, train_model
-    from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics
+    from stream_classifier.samples import build_random_body, sample_examples
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker() as broker, log.open("a") as sink:
         body = build_random_body(arch, TOKENIZER, Path(tmp) / "body")

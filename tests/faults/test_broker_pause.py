@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from stream_classifier.demo.embedded_broker import EmbeddedBroker, create_topics
 from stream_classifier.model.runtime import ModelRuntime
-from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics
 from tests.faults.support import CI, SCALES, Scale, message, model_for, output_ids
 from tests.fixtures.broker import TRANSPORTS, produce
 from tests.integration.service_support import TopicReader, running_service, service_settings

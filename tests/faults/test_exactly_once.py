@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from stream_classifier.demo.embedded_broker import create_topics
 from stream_classifier.model.runtime import ModelRuntime
-from stream_classifier.stream.embedded_broker import create_topics
 from tests.faults.support import PacedFeeder, message, output_ids
 from tests.fixtures.broker import TRANSPORTS, committed_offsets, produce
 from tests.integration.service_support import (

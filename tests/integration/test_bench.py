@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from stream_classifier.bench import BenchOptions, build_random_body, ratios, run_bench, write_results
+from stream_classifier.bench import BenchOptions, ratios, run_bench, write_results
 from stream_classifier.errors import ConfigError
+from stream_classifier.samples import build_random_body
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "benchmarks" / "tokenizer"
 

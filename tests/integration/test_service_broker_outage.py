@@ -14,7 +14,7 @@ import pytest
 from stream_classifier.config import KafkaSettings
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.logs import configure_logging
-from stream_classifier.stream.embedded_broker import EmbeddedBroker, create_topics, free_loopback_port
+from stream_classifier.demo.embedded_broker import EmbeddedBroker, create_topics, free_loopback_port
 from tests.fixtures.broker import TEST_HEARTBEAT_MS, TEST_SESSION_TIMEOUT_MS, produce, read_all
 from tests.integration.service_support import running_service, service_settings
 

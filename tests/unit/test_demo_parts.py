@@ -6,7 +6,9 @@ import io
 import json
 
 from stream_classifier.config import InputSettings
-from stream_classifier.demo import BAD_MESSAGES, Console, LiveView, Seen, demo_messages
+from stream_classifier.demo import BAD_MESSAGES
+from stream_classifier.demo.clients import demo_messages
+from stream_classifier.demo.view import Console, LiveView, Seen
 from stream_classifier.model.examples import Example
 from stream_classifier.stream.codec import InputDecoder, Rejected
 from stream_classifier.transport import Record

@@ -8,8 +8,9 @@ from collections import Counter
 
 import pytest
 
-from stream_classifier.demo import balanced_subset, sample_examples, sample_path
+from stream_classifier.demo import balanced_subset
 from stream_classifier.model.examples import read_examples
+from stream_classifier.samples import sample_examples, sample_path
 
 SPLITS = ("train", "eval")
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
