@@ -6,15 +6,7 @@ hands ``POST /retrain`` to a callback.
 
 Bounds, for any client however slow or hostile (the port may be reachable from untrusted
 networks; probes must still be answered):
-- **One deadline per connection.** A connection is closed at the latest
-  ``request_timeout_s`` after its accept: every read and write on it ends by then. One
-  request per connection (HTTP/1.0), so a request never waits behind another.
-- **Idle connections cost no thread.** One server thread accepts connections and reads
-  their request heads without blocking, at most ``_MAX_HEAD_BYTES`` each (431 beyond). It
-  holds at most ``max_connections`` of them; a new one beyond that closes the oldest, so a
-  flood of idle or trickling connections never locks a probe out.
-- **Bounded handlers.** A complete request head gets a handler thread; at most
-  ``max_handlers`` run at once, and a request beyond that is answered 503 at once.
+- **Connections, threads and time** are bounded by :mod:`.http_server`, for any client.
 - **The body comes last.** ``POST /retrain`` checks the route and the authorisation before
   it reads a byte of body; the body is read only up to ``_MAX_BODY_BYTES`` (413 beyond,
   400 for a Content-Length that is not one decimal number, 411 for a chunked body).
@@ -33,20 +25,14 @@ torch.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import io
 import ipaddress
 import json
 import logging
-import selectors
-import socket
-import socketserver
 import sys
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
@@ -57,22 +43,20 @@ from pydantic import SecretStr
 from stream_classifier.config import MetricsSettings
 from stream_classifier.errors import ConfigError
 from stream_classifier.ops.health import HealthState
+from stream_classifier.ops.http_server import BoundedHTTPServer, Client, DeadlineStream
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
 
 if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer, WriteableBuffer
+    pass
 
 logger = logging.getLogger(__name__)
 
 # Schedules one retraining run; returns False when one is already pending or running.
 RetrainTrigger = Callable[[], bool]
 
-# Request line and headers together; the endpoints need a few hundred bytes.
-_MAX_HEAD_BYTES = 16_384
 # POST /retrain takes no body; a client may still send a small one, which is read and ignored.
 _MAX_BODY_BYTES = 65_536
-_RECV_BYTES = 4_096
 
 
 def gpu_memory_allocated_bytes() -> int:
@@ -104,83 +88,8 @@ def _bearer(token: SecretStr | None) -> bytes | None:
     return b"Bearer " + token.get_secret_value().encode()
 
 
-def _answer(status: HTTPStatus, payload: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
-    """A whole HTTP/1.0 response with a JSON body, for answers sent without a handler."""
-    body = (json.dumps(payload) + "\n").encode()
-    lines = [
-        f"HTTP/1.0 {status.value} {status.phrase}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        "Connection: close",
-        *(f"{name}: {value}" for name, value in (headers or {}).items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-# ------------------------------------------------------------------ connections
-
-
-@dataclass(eq=False)
-class _Client:
-    """An accepted connection: its socket, peer, deadline and the bytes received so far."""
-
-    sock: socket.socket
-    address: Any
-    deadline: float
-    received: bytearray = field(default_factory=bytearray)
-
-
-class _DeadlineStream(io.RawIOBase):
-    """A client's socket as a raw stream: the bytes already received first, then the
-    socket's; every read and write on the socket ends by the client's deadline
-    (:class:`TimeoutError` once it has passed)."""
-
-    def __init__(self, client: _Client) -> None:
-        super().__init__()
-        self._client = client
-        self._received = memoryview(bytes(client.received))
-
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        target = memoryview(buffer).cast("B")
-        if self._received:
-            count = min(len(target), len(self._received))
-            target[:count] = self._received[:count]
-            self._received = self._received[count:]
-            return count
-        self._arm()
-        return self._client.sock.recv_into(target)
-
-    def write(self, data: ReadableBuffer) -> int:
-        view = memoryview(data)
-        self._arm()
-        self._client.sock.sendall(view)
-        return view.nbytes
-
-    def _arm(self) -> None:
-        remaining = self._client.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the connection's deadline has passed")
-        self._client.sock.settimeout(remaining)
-
-
-def _send_and_close(sock: socket.socket, response: bytes) -> None:
-    """Best effort, never blocking: the socket is non-blocking and a short write is dropped."""
-    with contextlib.suppress(OSError):
-        sock.send(response)
-    sock.close()
-
-
-class _Server(socketserver.TCPServer):
-    """The listener, the head-reading loop (:meth:`serve_forever`) and the handler bound."""
-
-    allow_reuse_address = True
-    request_queue_size = 128
+class _Server(BoundedHTTPServer):
+    """The ops endpoints' server: what the handlers read, on the bounded connection layer."""
 
     def __init__(
         self,
@@ -190,156 +99,38 @@ class _Server(socketserver.TCPServer):
         retrain_trigger: RetrainTrigger | None,
         retrain_token: SecretStr | None,
     ) -> None:
-        self.address_family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
         self.metrics = metrics
         self.health = health
         self.retrain_trigger = retrain_trigger
         self.retrain_bearer = _bearer(retrain_token)
-        self._timeout_s = settings.request_timeout_s
-        self._max_connections = settings.max_connections
-        self._handlers = threading.BoundedSemaphore(settings.max_handlers)
-        self._pending: dict[socket.socket, _Client] = {}  # accept order: the oldest first
-        self._stopping = threading.Event()
-        self._stopped = threading.Event()
-        self._wake_reader, self._waker = socket.socketpair()
-        self._waker.setblocking(False)
-        try:
-            super().__init__((settings.host, settings.port), _Handler)
-        except BaseException:
-            self._wake_reader.close()
-            self._waker.close()
-            raise
-
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """Accept and read request heads until :meth:`shutdown` (``poll_interval`` unused:
-        the loop sleeps until a socket is ready, a deadline falls due, or it is woken)."""
-        self.socket.setblocking(False)
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.socket, selectors.EVENT_READ)
-            selector.register(self._wake_reader, selectors.EVENT_READ)
-            try:
-                while not self._stopping.is_set():
-                    for key, _ in selector.select(self._expire(selector)):
-                        if key.fileobj is self.socket:
-                            self._accept(selector)
-                        elif key.fileobj is self._wake_reader:
-                            self._wake_reader.recv(_RECV_BYTES)
-                        else:
-                            self._receive(selector, key.data)
-            finally:
-                for client in self._pending.values():
-                    client.sock.close()
-                self._pending.clear()
-                self._stopped.set()
-
-    def shutdown(self) -> None:
-        """Stop :meth:`serve_forever` and wait until it has returned."""
-        self._stopping.set()
-        with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
-            self._waker.send(b"\0")
-        self._stopped.wait()
-
-    def server_close(self) -> None:
-        super().server_close()
-        self._wake_reader.close()
-        self._waker.close()
-
-    def _expire(self, selector: selectors.BaseSelector) -> float | None:
-        """Close the connections past their deadline; seconds until the next one falls due."""
-        now = time.monotonic()
-        while self._pending:
-            oldest = next(iter(self._pending.values()))
-            if oldest.deadline > now:
-                return oldest.deadline - now
-            self._drop(selector, oldest)
-        return None
-
-    def _accept(self, selector: selectors.BaseSelector) -> None:
-        while True:
-            try:
-                sock, address = self.socket.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:  # e.g. out of file descriptors: make room, or pause briefly
-                log_event(logger, "ops_http_accept_failed", logging.WARNING, error=str(exc))
-                if self._pending:
-                    self._drop(selector, next(iter(self._pending.values())))
-                else:
-                    self._stopping.wait(0.1)
-                return
-            sock.setblocking(False)
-            if len(self._pending) >= self._max_connections:
-                self._drop(selector, next(iter(self._pending.values())))
-            client = _Client(sock, address, time.monotonic() + self._timeout_s)
-            self._pending[sock] = client
-            selector.register(sock, selectors.EVENT_READ, client)
-
-    def _receive(self, selector: selectors.BaseSelector, client: _Client) -> None:
-        try:
-            chunk = client.sock.recv(_RECV_BYTES)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:  # the client closed or reset the connection
-            self._drop(selector, client)
-            return
-        client.received += chunk
-        tail = client.received[-(len(chunk) + 3) :]
-        if b"\n\r\n" in tail or b"\n\n" in tail:  # the blank line that ends the head
-            self._forget(selector, client)
-            self._dispatch(client)
-        elif len(client.received) > _MAX_HEAD_BYTES:
-            self._forget(selector, client)
-            error = {"error": f"request line and headers exceed {_MAX_HEAD_BYTES} bytes"}
-            _send_and_close(client.sock, _answer(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, error))
-
-    def _dispatch(self, client: _Client) -> None:
-        if not self._handlers.acquire(blocking=False):
-            log_event(logger, "ops_http_busy", logging.DEBUG, client=str(client.address[0]))
-            busy = _answer(HTTPStatus.SERVICE_UNAVAILABLE, {"error": "busy"}, {"Retry-After": "1"})
-            _send_and_close(client.sock, busy)
-            return
-        threading.Thread(target=self._handle, args=(client,), name="ops-http-handler", daemon=True).start()
-
-    def _handle(self, client: _Client) -> None:
-        try:
-            _Handler(client, client.address, self)
-        except OSError as exc:  # the client went away, or the deadline passed mid-answer
-            log_event(logger, "ops_http_connection_failed", logging.DEBUG, error=repr(exc))
-        except Exception as exc:
-            log_event(logger, "ops_http_handler_failed", logging.ERROR, error=repr(exc))
-        finally:
-            client.sock.close()
-            self._handlers.release()
-
-    def _forget(self, selector: selectors.BaseSelector, client: _Client) -> None:
-        selector.unregister(client.sock)
-        del self._pending[client.sock]
-
-    def _drop(self, selector: selectors.BaseSelector, client: _Client) -> None:
-        self._forget(selector, client)
-        client.sock.close()
+        super().__init__(
+            settings.host,
+            settings.port,
+            lambda client: _Handler(client, client.address, self),
+            request_timeout_s=settings.request_timeout_s,
+            max_connections=settings.max_connections,
+            max_handlers=settings.max_handlers,
+        )
 
 
 # ------------------------------------------------------------------ endpoints
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """One request of one :class:`_Client`, whose head has fully arrived."""
+    """One request of one :class:`Client`, whose head has fully arrived."""
 
     server: _Server
     server_version = "stream-classifier"
     sys_version = ""
     protocol_version = "HTTP/1.0"  # one request per connection
 
-    def __init__(self, client: _Client, address: Any, server: _Server) -> None:
+    def __init__(self, client: Client, address: Any, server: _Server) -> None:
         self._client = client
         super().__init__(client.sock, address, server)  # handles the request
 
     def setup(self) -> None:
         self.connection = self._client.sock
-        stream = _DeadlineStream(self._client)
+        stream = DeadlineStream(self._client)
         self.rfile = io.BufferedReader(stream)
         self.wfile = io.BufferedWriter(stream)
 
