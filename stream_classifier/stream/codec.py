@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stream_classifier.config import InputSettings
-from stream_classifier.transport import Headers, Record
+from stream_classifier.transport.base import Headers, Record
 
 NULL_VALUE = "null_value"
 TOO_LARGE = "too_large"

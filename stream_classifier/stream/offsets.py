@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from stream_classifier.transport import Partition
+from stream_classifier.transport.base import Partition
 
 
 class Pending:

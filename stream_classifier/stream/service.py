@@ -102,7 +102,7 @@ from stream_classifier.stream.codec import (
 )
 from stream_classifier.stream.compute import ComputeWorker, Result
 from stream_classifier.stream.offsets import OffsetTracker, Pending
-from stream_classifier.transport import Consumer, Partition, Producer, Record, Transport
+from stream_classifier.transport.base import Consumer, Partition, Producer, Record, Transport
 
 logger = logging.getLogger(__name__)
 
