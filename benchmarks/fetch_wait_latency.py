@@ -25,7 +25,8 @@ from unittest import mock
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stream_classifier import bench  # noqa: E402
+from stream_classifier.bench import broker_stages, stages  # noqa: E402
+from stream_classifier.bench.options import BenchOptions  # noqa: E402
 from stream_classifier.demo.embedded_broker import EmbeddedBroker  # noqa: E402
 from stream_classifier.model.runtime import ModelRuntime  # noqa: E402
 
@@ -38,11 +39,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
-    model_dir, _ = bench.prepare_model(bench.BenchOptions(output=work / "unused.json", device="cpu"), work)
+    model_dir, _ = stages.prepare_model(BenchOptions(output=work / "unused.json", device="cpu"), work)
     runtime = ModelRuntime.load(model_dir, device="cpu", precision="fp32")
     runtime.warmup()
-    texts = bench.bench_texts(2_000, 24)
-    make_settings = bench._service_settings
+    texts = stages.bench_texts(2_000, 24)
+    make_settings = broker_stages._service_settings
     with EmbeddedBroker() as broker:
         for wait_ms in (None, 100, 20):
 
@@ -52,8 +53,8 @@ def main() -> None:
                     result.kafka.consumer_properties = {"fetch_max_wait_ms": wait_ms}
                 return result
 
-            with mock.patch.object(bench, "_service_settings", settings):
-                result = bench.stage_latency(
+            with mock.patch.object(broker_stages, "_service_settings", settings):
+                result = broker_stages.stage_latency(
                     broker.bootstrap_servers,
                     runtime,
                     texts,
