@@ -42,7 +42,8 @@ from typing import IO, Any, Literal, Protocol
 from stream_classifier.config import RetrainSettings, Settings
 from stream_classifier.errors import ConfigError, ModelStoreError, TrainingError, TransportError
 from stream_classifier.learn.challenger import JobResult, JobSpec, Scores, run_job, write_examples
-from stream_classifier.learn.feedback import FeedbackItem, FeedbackReader, FeedbackSnapshot, decode_feedback
+from stream_classifier.learn.feedback import FeedbackReader, decode_feedback
+from stream_classifier.learn.feedback_set import FeedbackItem, FeedbackSnapshot
 from stream_classifier.learn.store import ModelStore
 from stream_classifier.learn.tail import TopicReader
 from stream_classifier.learn.updates import ModelSwapper, UpdatesFollower, announce, resolve_serving_model

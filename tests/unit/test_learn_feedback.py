@@ -9,14 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_classifier.config import FeedbackSettings
-from stream_classifier.learn.feedback import (
-    FeedbackBounds,
-    FeedbackItem,
-    FeedbackSet,
-    Rejected,
-    decode_feedback,
-    is_held_out,
-)
+from stream_classifier.learn.feedback import Rejected, decode_feedback
+from stream_classifier.learn.feedback_set import FeedbackBounds, FeedbackItem, FeedbackSet, is_held_out
 from stream_classifier.ops.metrics import DEAD_LETTER_REASONS
 
 

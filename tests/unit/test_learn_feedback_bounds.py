@@ -9,7 +9,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_classifier.learn.feedback import FeedbackBounds, FeedbackItem, FeedbackSet
+from stream_classifier.learn.feedback_set import FeedbackBounds, FeedbackItem, FeedbackSet
 
 MIB = 1024 * 1024
 
