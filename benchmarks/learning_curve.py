@@ -56,12 +56,8 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 from stream_classifier.app import App  # noqa: E402
 from stream_classifier.config import Settings  # noqa: E402
 from stream_classifier.demo.embedded_broker import EmbeddedBroker, create_topics  # noqa: E402
-from stream_classifier.learn.retrainer import (  # noqa: E402
-    Learning,
-    RunRecord,
-    merge_training_set,
-    training_options,
-)
+from stream_classifier.learn.learning import Learning  # noqa: E402
+from stream_classifier.learn.retrainer import RunRecord, merge_training_set, training_options  # noqa: E402
 from stream_classifier.learn.store import ModelStore  # noqa: E402
 from stream_classifier.learn.updates import resolve_serving_model  # noqa: E402
 from stream_classifier.model.examples import Example, read_examples  # noqa: E402

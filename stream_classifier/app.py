@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 
 from stream_classifier.config import Settings
-from stream_classifier.learn.retrainer import Learning, start_learning
+from stream_classifier.learn.learning import Learning, start_learning
 from stream_classifier.learn.review import review_hook
 from stream_classifier.learn.updates import load_runtime, resolve_serving_model
 from stream_classifier.ops.health import HealthState

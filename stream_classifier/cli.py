@@ -176,7 +176,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from stream_classifier.config import load_settings
-    from stream_classifier.learn.retrainer import require_store
+    from stream_classifier.learn.learning import require_store
     from stream_classifier.learn.updates import announce
     from stream_classifier.transport import make_transport
 
@@ -200,7 +200,7 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from stream_classifier.config import load_settings
-    from stream_classifier.learn.retrainer import retrain_once
+    from stream_classifier.learn.learning import retrain_once
     from stream_classifier.ops.logs import configure_logging
     from stream_classifier.ops.metrics import Metrics
     from stream_classifier.transport import make_transport

@@ -5,7 +5,7 @@ One retraining run (:meth:`Retrainer.run_once`):
 1. **load** — take the feedback snapshot (train / held-out split) and the offsets it
    reflects, the champion's kept training examples and the trusted evaluation set;
 2. **train** and **evaluate** — in a separate, throttled process (:mod:`.challenger`);
-3. **gate** (:func:`gate`) — promote only if the challenger's held-out macro-F1 beats the
+3. **gate** (:mod:`.gate`) — promote only if the challenger's held-out macro-F1 beats the
    champion's by more than ``min_improvement`` (a tie does not promote), its held-out
    accuracy does not fall, and, when a trusted set is configured, neither its macro-F1 nor
    its accuracy falls below the champion's there;
@@ -37,64 +37,28 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol
+from typing import IO, Any, Literal
 
 from stream_classifier.config import RetrainSettings, Settings
-from stream_classifier.errors import ConfigError, ModelStoreError, TrainingError, TransportError
+from stream_classifier.errors import ModelStoreError, TrainingError
 from stream_classifier.learn.challenger import JobResult, JobSpec, Scores, run_job, write_examples
 from stream_classifier.learn.feedback import FeedbackReader, decode_feedback
 from stream_classifier.learn.feedback_set import FeedbackItem, FeedbackSnapshot
+from stream_classifier.learn.gate import gate
 from stream_classifier.learn.store import ModelStore
 from stream_classifier.learn.tail import TopicReader
-from stream_classifier.learn.updates import ModelSwapper, UpdatesFollower, announce, resolve_serving_model
+from stream_classifier.learn.updates import ModelSwapper, announce
 from stream_classifier.model.examples import Example, read_examples
 from stream_classifier.model.format import EXAMPLES_FILE, load_head, new_version_id
-from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.transport import Producer, Transport
+from stream_classifier.transport import Producer
 
 logger = logging.getLogger(__name__)
 
 Outcome = Literal["promoted", "rejected", "skipped", "failed"]
 _TOPIC_PREFIX = "topic:"
 _TRUSTED_READ_TIMEOUT_S = 60.0
-
-
-# --------------------------------------------------------------------------- the gate
-
-
-@dataclass(frozen=True)
-class Decision:
-    promote: bool
-    reason: str
-
-
-def gate(scores: dict[str, dict[str, Scores]], *, min_improvement: float, trusted: bool) -> Decision:
-    """The promotion decision for ``scores`` (role -> split -> metric); see the module docstring."""
-    champion, challenger = scores["champion"]["holdout"], scores["challenger"]["holdout"]
-    gain = challenger["macro_f1"] - champion["macro_f1"]
-    if gain <= min_improvement:
-        return Decision(
-            False,
-            f"held-out macro-F1 {challenger['macro_f1']:.4f} does not beat the champion's "
-            f"{champion['macro_f1']:.4f} by more than {min_improvement}",
-        )
-    if challenger["accuracy"] < champion["accuracy"]:
-        return Decision(
-            False,
-            f"held-out accuracy {challenger['accuracy']:.4f} < champion's {champion['accuracy']:.4f}",
-        )
-    if trusted:
-        t_champion, t_challenger = scores["champion"]["trusted"], scores["challenger"]["trusted"]
-        for metric in ("macro_f1", "accuracy"):
-            if t_challenger[metric] < t_champion[metric]:
-                return Decision(
-                    False,
-                    f"trusted-set {metric} {t_challenger[metric]:.4f} falls below the champion's "
-                    f"{t_champion[metric]:.4f}",
-                )
-    return Decision(True, f"held-out macro-F1 +{gain:.4f}")
 
 
 # --------------------------------------------------------------------------- data
@@ -174,7 +138,7 @@ def load_trusted_eval(settings: Settings) -> list[Example]:
     return examples
 
 
-def _champion_labels(store: ModelStore) -> list[str]:
+def champion_labels(store: ModelStore) -> list[str]:
     """The current version's labels: the feedback labels that always have a slot."""
     return load_head(store.current()[1])[0].classes
 
@@ -470,139 +434,3 @@ class Retrainer:
 def _log_failure(error: BaseException | None) -> None:
     if error is not None:
         log_event(logger, "retrain_event_publish_failed", logging.WARNING, error=str(error))
-
-
-def require_store(settings: Settings) -> ModelStore:
-    """The configured model store, or a :class:`ConfigError` saying how to configure one."""
-    if settings.retrain.model_store is None:
-        raise ConfigError(
-            "setting 'retrain.model_store' (env STREAM_CLASSIFIER_RETRAIN__MODEL_STORE) is required for "
-            "retraining and model updates: a directory (or shared volume) for the model versions"
-        )
-    return ModelStore(settings.retrain.model_store, settings.retrain.keep_versions)
-
-
-# --------------------------------------------------------------------------- wiring
-
-
-class Learning:
-    """The learning side of one ``serve`` process: its threads and how to stop them.
-
-    Every process with a model store follows the updates topic and the manifest (so a
-    rollback reaches the trainer too); the trainer (``retrain.enabled``) also reads the
-    feedback topics and runs the :class:`Retrainer`.
-    """
-
-    def __init__(
-        self,
-        follower: UpdatesFollower,
-        retrainer: Retrainer | None = None,
-        feedback: FeedbackReader | None = None,
-        lock: TrainerLock | None = None,
-        producer: Producer | None = None,
-    ) -> None:
-        self.follower = follower
-        self.retrainer = retrainer
-        self.feedback = feedback
-        self._lock = lock
-        self._producer = producer
-        self._threads: list[threading.Thread] = []
-
-    def start(self) -> None:
-        loops = [("model-updates", self.follower.run)]
-        if self.feedback is not None and self.retrainer is not None:
-            loops += [("feedback-reader", self.feedback.run), ("retrainer", self.retrainer.run)]
-        for name, target in loops:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def trigger(self) -> bool:
-        """The POST /retrain callback: schedule a run; False if one is pending or running."""
-        return self.retrainer.request() if self.retrainer is not None else False
-
-    def stop(self, timeout_s: float = 30.0) -> None:
-        self.follower.stop()
-        for part in (self.feedback, self.retrainer):
-            if part is not None:
-                part.stop()
-        for thread in self._threads:
-            thread.join(timeout_s)
-        if self._producer is not None:
-            self._producer.close(10.0)
-        if self._lock is not None:
-            self._lock.release()
-
-
-class SwapTarget(Protocol):
-    """What the learning side needs of the serving loop (``StreamService`` fits)."""
-
-    def swap_model(self, runtime: ModelRuntime) -> None: ...
-
-    @property
-    def model_version(self) -> str: ...
-
-
-def start_learning(
-    settings: Settings, service: SwapTarget, metrics: Metrics, transport: Transport
-) -> Learning | None:
-    """Start following model updates and, in the trainer role, retraining. None without a store."""
-    retrain = settings.retrain
-    if retrain.model_store is None:
-        if retrain.enabled:
-            require_store(settings)
-        return None
-    store = require_store(settings)
-    swapper = ModelSwapper(
-        settings, store, service.swap_model, metrics, serving_version=service.model_version
-    )
-    follower = UpdatesFollower(settings, store, swapper)
-    if not retrain.enabled:
-        learning = Learning(follower)
-    else:
-        if not settings.feedback.topics:
-            raise ConfigError(
-                "setting 'feedback.topics' (env STREAM_CLASSIFIER_FEEDBACK__TOPICS) is empty: "
-                "retraining needs at least one labelled feedback topic"
-            )
-        model_labels = _champion_labels(store)
-        lock = TrainerLock(store)
-        store.clear_staging()
-        producer = transport.producer()
-        feedback = FeedbackReader(
-            settings, producer, metrics, baseline=store.read().feedback_offsets, model_labels=model_labels
-        )
-        retrainer = Retrainer(settings, store, feedback, metrics, producer, swapper=swapper)
-        learning = Learning(follower, retrainer, feedback, lock, producer)
-    learning.start()
-    log_event(logger, "learning_started", trainer=retrain.enabled, store=str(store.root), mode=retrain.mode)
-    return learning
-
-
-def retrain_once(settings: Settings, metrics: Metrics, transport: Transport, *, force: bool) -> RunRecord:
-    """One run as its own process (``stream-classifier retrain``): rebuild, train, gate, announce.
-
-    Refused (:class:`ModelStoreError`) while another trainer holds the store.
-    """
-    store = require_store(settings)
-    resolve_serving_model(settings)  # seeds the store on first use
-    model_labels = _champion_labels(store)
-    lock = TrainerLock(store)
-    producer = transport.producer()
-    feedback = FeedbackReader(
-        settings, producer, metrics, baseline=store.read().feedback_offsets, model_labels=model_labels
-    )
-    reader = threading.Thread(target=feedback.run, name="feedback-reader", daemon=True)
-    try:
-        store.clear_staging()
-        reader.start()
-        while not feedback.caught_up.wait(0.5):
-            if feedback.error is not None or not reader.is_alive():
-                raise TransportError(f"cannot read the feedback topics: {feedback.error}")
-        retrainer = Retrainer(settings, store, feedback, metrics, producer)
-        return retrainer.run_once(trigger="cli", force=force)
-    finally:
-        feedback.stop()
-        reader.join(10)
-        producer.close(10.0)
-        lock.release()

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from stream_classifier.config import Settings
 from stream_classifier.learn.feedback import FeedbackReader
-from stream_classifier.learn.retrainer import retrain_once
+from stream_classifier.learn.learning import retrain_once
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.transport import make_transport
 from tests.fixtures.broker import produce, read_all

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from stream_classifier.learn.retrainer import retrain_once
+from stream_classifier.learn.learning import retrain_once
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.transport import make_transport
 from tests.fixtures.broker import produce

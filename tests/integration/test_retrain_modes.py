@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from stream_classifier.learn.retrainer import retrain_once, start_learning
+from stream_classifier.learn.learning import retrain_once, start_learning
 from stream_classifier.model.format import load_model
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from stream_classifier.learn.retrainer import start_learning
+from stream_classifier.learn.learning import start_learning
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.transport import make_transport

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from stream_classifier.cli import main
 from stream_classifier.config import Settings
-from stream_classifier.learn.retrainer import Learning, retrain_once, start_learning
+from stream_classifier.learn.learning import Learning, retrain_once, start_learning
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.service import StreamService

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from stream_classifier.learn.challenger import score
 from stream_classifier.learn.feedback_set import FeedbackSnapshot
-from stream_classifier.learn.retrainer import gate, merge_training_set
+from stream_classifier.learn.gate import gate
+from stream_classifier.learn.retrainer import merge_training_set
 from stream_classifier.model.examples import Example
 
 

@@ -1,0 +1,40 @@
+"""The promotion gate: whether a challenger's scores earn it the champion's place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from stream_classifier.learn.challenger import Scores
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def gate(scores: dict[str, dict[str, Scores]], *, min_improvement: float, trusted: bool) -> Decision:
+    """The promotion decision for ``scores`` (role -> split -> metric); see the module docstring."""
+    champion, challenger = scores["champion"]["holdout"], scores["challenger"]["holdout"]
+    gain = challenger["macro_f1"] - champion["macro_f1"]
+    if gain <= min_improvement:
+        return Decision(
+            False,
+            f"held-out macro-F1 {challenger['macro_f1']:.4f} does not beat the champion's "
+            f"{champion['macro_f1']:.4f} by more than {min_improvement}",
+        )
+    if challenger["accuracy"] < champion["accuracy"]:
+        return Decision(
+            False,
+            f"held-out accuracy {challenger['accuracy']:.4f} < champion's {champion['accuracy']:.4f}",
+        )
+    if trusted:
+        t_champion, t_challenger = scores["champion"]["trusted"], scores["challenger"]["trusted"]
+        for metric in ("macro_f1", "accuracy"):
+            if t_challenger[metric] < t_champion[metric]:
+                return Decision(
+                    False,
+                    f"trusted-set {metric} {t_challenger[metric]:.4f} falls below the champion's "
+                    f"{t_champion[metric]:.4f}",
+                )
+    return Decision(True, f"held-out macro-F1 +{gain:.4f}")
