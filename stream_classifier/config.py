@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -348,7 +349,23 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
         _config_file = None
 
 
+# Client property names whose values are secret, in either client's naming: passwords, SASL
+# JAAS and OAUTHBEARER configuration and client secrets, PEM key material, tokens. Matched by
+# pattern, so that pass-through properties are masked wherever settings are shown.
+_SECRET_PROPERTY = re.compile(r"password|secret|jaas|token|credential|pem|oauthbearer\.config|api.?key", re.I)
+MASK = "**********"
+
+
+def is_secret_property(name: str) -> bool:
+    """Whether a client property (either client's naming) holds a secret."""
+    return _SECRET_PROPERTY.search(name) is not None
+
+
 def masked_dump(settings: Settings) -> dict[str, Any]:
-    """The effective settings as plain data, secrets replaced by ``'**********'``."""
+    """The effective settings as plain data: secrets, pass-through secret properties included,
+    replaced by :data:`MASK`."""
     data: dict[str, Any] = settings.model_dump(mode="json")
+    for section in ("consumer_properties", "producer_properties"):
+        properties = data["kafka"].get(section) or {}
+        data["kafka"][section] = {k: (MASK if is_secret_property(k) else v) for k, v in properties.items()}
     return data

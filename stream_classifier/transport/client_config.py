@@ -6,14 +6,13 @@ and nothing else: :func:`describe_client_config` is the only loggable view.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
 
-from stream_classifier.config import KafkaSettings
+from stream_classifier.config import MASK, KafkaSettings, is_secret_property
 from stream_classifier.errors import ConfigError
 
 # Settings the service relies on; pass-through properties may not change them.
@@ -157,19 +156,6 @@ def confluent_producer_config(k: KafkaSettings, *, transactional_id: str | None 
     if transactional_id is not None:
         cfg["transactional.id"] = transactional_id
     return cfg
-
-
-# Property names whose values are secret in either client's naming: passwords, SASL JAAS and
-# OAUTHBEARER configuration and client secrets, PEM key material, tokens. Matched by pattern,
-# so pass-through properties (``kafka.consumer_properties``/``producer_properties``) are
-# masked too.
-_SECRET_KEY = re.compile(r"password|secret|jaas|token|credential|pem|oauthbearer\.config|api.?key", re.I)
-MASK = "**********"
-
-
-def is_secret_property(name: str) -> bool:
-    """Whether a client property (either client's naming) holds a secret."""
-    return _SECRET_KEY.search(name) is not None
 
 
 def describe_client_config(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -106,3 +106,32 @@ def test_kafka_python_checksums_in_c_with_the_fast_extra(monkeypatch: pytest.Mon
     assert kafka_python.crc32c_implementation() == "c"
     monkeypatch.setattr(kafka_python.kafka_record_util, "crc32c_c", None)  # as without the package
     assert kafka_python.crc32c_implementation() == "python"
+
+
+PASS_THROUGH_SECRETS = {
+    "sasl.oauthbearer.client.secret": "oauth-secret-1",
+    "ssl.key.pem": "-----BEGIN PRIVATE KEY-----pem-secret-2",
+    "ssl.keystore.password": "keystore-secret-3",
+    "sasl.jaas.config": "org.apache...ScramLoginModule required password=jaas-secret-4;",
+    "ssl_password": "key-secret-5",
+}
+
+
+@pytest.mark.parametrize(
+    "build", [client_config.kafka_python_producer_config, client_config.confluent_producer_config]
+)
+def test_pass_through_secrets_are_masked_in_logs_and_in_config(build) -> None:
+    from stream_classifier.config import Settings, masked_dump
+
+    settings = KafkaSettings(
+        producer_properties=PASS_THROUGH_SECRETS, consumer_properties=PASS_THROUGH_SECRETS
+    )
+    shown = repr(client_config.describe_client_config(build(settings))) + repr(
+        masked_dump(Settings(kafka=settings))
+    )
+    for secret in PASS_THROUGH_SECRETS.values():
+        assert secret not in shown
+    assert shown.count(client_config.MASK) >= 2 * len(PASS_THROUGH_SECRETS)
+    assert client_config.describe_client_config({"ssl.key.location": "/k.pem.path"}) == {
+        "ssl.key.location": "/k.pem.path"
+    }
