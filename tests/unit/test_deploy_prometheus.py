@@ -140,6 +140,9 @@ def test_alerts_cover_the_required_conditions() -> None:
         "StreamClassifierLatencyP99High",
         "StreamClassifierRetrainingFailed",
         "StreamClassifierModelNotReady",
+        "StreamClassifierRecordsRefused",
+        "StreamClassifierRuntimeFailing",
+        "StreamClassifierModelUpdateFailed",
     }
     tested = {
         case["alertname"]
