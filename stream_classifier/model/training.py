@@ -5,11 +5,12 @@ Two stages, as in setfit:
 1. **Contrastive body fine-tuning.** :class:`ContrastivePairs` yields text pairs labelled
    1.0 (same label) or 0.0 (different labels) with setfit's ``ContrastiveDataset``
    semantics: candidate pairs are all ``(i, j)`` with ``i <= j`` (self-pairs included);
-   positives and negatives alternate; each side yields ``L`` pairs, cycling through its
+   positives and negatives alternate (setfit's ``zip_longest``: once the shorter side is
+   done, the longer goes on alone); each side yields ``L`` pairs, cycling through its
    candidates in a seeded random order, where ``L`` is ``num_iterations * n`` when
    ``num_iterations`` is set, else the larger (``oversampling``) or smaller
-   (``undersampling``) side's count, or for ``unique`` each candidate once (the shorter
-   side ends it, as setfit's ``zip`` does). Unlike setfit, no pair list is ever built:
+   (``undersampling``) side's count, or for ``unique`` each side's own count (every
+   candidate once). Unlike setfit, no pair list is ever built:
    a pair is computed from its rank in O(1) memory, so large sets cannot run out of memory.
    The body is trained with CosineSimilarityLoss (MSE between cosine similarity and the
    pair label; or sentence-transformers' ContrastiveLoss), AdamW and a linear warm-up/decay
@@ -152,14 +153,16 @@ class ContrastivePairs:
         )
         self._seed = seed
         if num_iterations:
-            self.pairs_per_side = num_iterations * len(examples)
-        elif sampling_strategy in {"unique", "undersampling"}:
-            self.pairs_per_side = min(self._positives.size, self._negatives.size)
+            self.positives = self.negatives = num_iterations * len(examples)
+        elif sampling_strategy == "unique":
+            self.positives, self.negatives = self._positives.size, self._negatives.size
+        elif sampling_strategy == "undersampling":
+            self.positives = self.negatives = min(self._positives.size, self._negatives.size)
         else:
-            self.pairs_per_side = max(self._positives.size, self._negatives.size)
+            self.positives = self.negatives = max(self._positives.size, self._negatives.size)
 
     def __len__(self) -> int:
-        return 2 * self.pairs_per_side
+        return self.positives + self.negatives
 
     def _positive(self, rank: int) -> tuple[int, int]:
         label, k = self._positives.locate(rank)
@@ -176,11 +179,13 @@ class ContrastivePairs:
         rng = np.random.default_rng(self._seed)
         positives = self._positives.cycle(rng)
         negatives = self._negatives.cycle(rng)
-        for _ in range(self.pairs_per_side):
-            a, b = self._positive(next(positives))
-            yield self._texts[a], self._texts[b], 1.0
-            a, b = self._negative(next(negatives))
-            yield self._texts[a], self._texts[b], 0.0
+        for index in range(max(self.positives, self.negatives)):  # setfit's zip_longest
+            if index < self.positives:
+                a, b = self._positive(next(positives))
+                yield self._texts[a], self._texts[b], 1.0
+            if index < self.negatives:
+                a, b = self._negative(next(negatives))
+                yield self._texts[a], self._texts[b], 0.0
 
 
 # --------------------------------------------------------------------------- body

@@ -55,20 +55,36 @@ def test_pair_counts_and_labels_match_setfit(strategy: str, num_iterations: int 
     examples = _examples({"a": 5, "b": 2, "c": 3})
     positives, negatives = _setfit_candidates(examples)
     p, n = sum(positives.values()), sum(negatives.values())
-    expected_side = {
-        "oversampling": max(p, n),
-        "undersampling": min(p, n),
-        "unique": min(p, n),
+    expected = {
+        "oversampling": (max(p, n), max(p, n)),
+        "undersampling": (min(p, n), min(p, n)),
+        "unique": (p, n),
     }[strategy]
     if num_iterations:
-        expected_side = num_iterations * len(examples)
+        expected = (num_iterations * len(examples),) * 2
     pairs = ContrastivePairs(examples, sampling_strategy=strategy, num_iterations=num_iterations)  # type: ignore[arg-type]
     produced = list(pairs)
-    assert len(produced) == len(pairs) == 2 * expected_side
+    assert len(produced) == len(pairs) == sum(expected)
+    assert (sum(t == 1.0 for *_, t in produced), sum(t == 0.0 for *_, t in produced)) == expected
     label_of = {e.text: e.label for e in examples}
+    alternating = 2 * min(expected)
     for index, (left, right, target) in enumerate(produced):
-        assert target == (1.0 if index % 2 == 0 else 0.0)  # positives and negatives alternate
+        if index < alternating:
+            assert target == (1.0 if index % 2 == 0 else 0.0)  # alternate while both sides last
         assert (label_of[left] == label_of[right]) == (target == 1.0)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "positives", "negatives"),
+    # setfit 1.x's own expectations (tests/test_sampler.py::test_sentence_pairs_generation) for
+    # three sentences labelled ("label 1", "label 1", "label 2").
+    [("unique", 4, 2), ("undersampling", 2, 2), ("oversampling", 4, 4)],
+)
+def test_pair_counts_are_setfits_own(strategy: str, positives: int, negatives: int) -> None:
+    examples = [Example("sent 1", "label 1"), Example("sent 2", "label 1"), Example("sent 3", "label 2")]
+    pairs = ContrastivePairs(examples, sampling_strategy=strategy)  # type: ignore[arg-type]
+    assert (pairs.positives, pairs.negatives) == (positives, negatives)
+    assert len(list(pairs)) == positives + negatives
 
 
 def test_each_cycle_visits_every_candidate_once() -> None:
