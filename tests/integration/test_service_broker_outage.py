@@ -1,22 +1,22 @@
-"""No broker at start: the service waits (retrying with backoff, logging the outage at most
-once), is not ready meanwhile, and serves once a broker appears on that address."""
+"""No broker at start: the service waits (retrying with backoff, logging the outage exactly
+once and its end after it), is not ready meanwhile, and serves once a broker appears on that
+address."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
-import time
 from pathlib import Path
 
 import pytest
 
 from stream_classifier.config import KafkaSettings
+from stream_classifier.demo.embedded_broker import EmbeddedBroker, create_topics, free_loopback_port
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.logs import configure_logging
-from stream_classifier.demo.embedded_broker import EmbeddedBroker, create_topics, free_loopback_port
 from tests.fixtures.broker import TEST_HEARTBEAT_MS, TEST_SESSION_TIMEOUT_MS, produce, read_all
-from tests.integration.service_support import running_service, service_settings
+from tests.integration.service_support import running_service, service_settings, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,7 +38,8 @@ def test_service_waits_for_a_late_broker(tiny_model_dir: Path) -> None:
     configure_logging("INFO", logs)
     try:
         with running_service(service_settings(kafka), runtime) as service:
-            time.sleep(4.0)  # several retries against a closed port
+            # The outage is seen (and logged) while the port is still closed.
+            wait_until(lambda: '"broker_unavailable"' in logs.getvalue(), 60, "the outage logged")
             snapshot = service.health.snapshot()
             assert not snapshot.ready and not snapshot.producer_connected
             with EmbeddedBroker(port=port) as broker:
@@ -50,5 +51,7 @@ def test_service_waits_for_a_late_broker(tiny_model_dir: Path) -> None:
     finally:
         logging.getLogger("stream_classifier").handlers.clear()
     events = [json.loads(line)["event"] for line in logs.getvalue().splitlines()]
-    assert events.count("broker_unavailable") <= 1  # once per change of state, not per retry
+    # Once per change of state, not per retry: one outage, then its end.
+    assert events.count("broker_unavailable") == 1, events
+    assert "broker_available" in events[events.index("broker_unavailable") :], events
     assert events.count("service_started") == 1
