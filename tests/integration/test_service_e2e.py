@@ -14,6 +14,7 @@ from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import DEAD_LETTER_REASONS, PREFIX
 from stream_classifier.stream import codec
 from tests.fixtures.broker import TRANSPORTS, committed_offsets, produce, read_all
+from tests.fixtures.kafka_broker import BrokerTarget
 from tests.integration.service_support import output_body, running_service, service_settings, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.parametrize("transport", TRANSPORTS)]
@@ -34,8 +35,10 @@ def tiny_runtime(tiny_model_dir: Path) -> ModelRuntime:
 
 
 def test_n_in_n_out_equal_to_predict_proba_with_keys_and_order(
-    broker: str, topic_factory, kafka_settings, tiny_runtime: ModelRuntime
+    any_broker: BrokerTarget, tiny_runtime: ModelRuntime, transport: str
 ) -> None:
+    """On both brokers (the conformance subset's end to end)."""
+    broker, topic_factory, kafka_settings = any_broker.bootstrap, any_broker.topic, any_broker.settings
     source, out, dlq = topic_factory("in", partitions=3), topic_factory("out"), topic_factory("dlq")
     n = 60
     texts = [f"{TEXTS[i % len(TEXTS)]} #{i}" for i in range(n)]
@@ -176,12 +179,12 @@ def test_backpressure_bounds_in_flight_and_drops_nothing(
     )
     observed: list[float] = []
     with running_service(settings, tiny_runtime) as service:
-        gauge = service.metrics.in_flight
+        registry = service.metrics.registry
         done = threading.Event()
 
         def sample() -> None:
             while not done.wait(0.002):
-                observed.append(gauge._value.get())
+                observed.append(registry.get_sample_value(f"{PREFIX}_in_flight_messages") or 0.0)
 
         sampler = threading.Thread(target=sample)
         sampler.start()
