@@ -12,7 +12,7 @@ setfit is not a dependency of stream-classifier, so each side runs in its own in
   alike; only one side trains at a time), appends every result to ``--out``.jsonl as it
   comes, and writes the summary table and ``--out``.
 
-Run it (setfit lives in its own venv; see BENCHMARKS.md)::
+Run it (setfit lives in its own venv; see docs/performance.md)::
 
     nice -n 15 .venv/bin/python benchmarks/setfit_parity.py \\
         --setfit-python .venv-setfit/bin/python --seeds 5 --per-class 8 32 \\

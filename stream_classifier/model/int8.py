@@ -1,7 +1,7 @@
 """int8 mode on the CPU: the body exported to ONNX, dynamically quantised, run by ONNX Runtime.
 
 torch's own dynamic quantisation (deprecated in recent torch) gains only ~1.4x on a 2-core
-AVX2 CPU; ONNX Runtime's int8 kernels gain ~1.8x on the same body (BENCHMARKS.md).
+AVX2 CPU; ONNX Runtime's int8 kernels gain ~1.8x on the same body (docs/performance.md).
 
 Invariants:
 

@@ -25,7 +25,7 @@ Invariants:
   Runtime int8 export (:mod:`stream_classifier.model.int8`); tokenising and chunking are
   unchanged, and the head computes in numpy (:meth:`LinearHead.predict_proba`): no torch
   operator runs per chunk, so torch's idle intra-op workers never spin on the cores ONNX
-  Runtime's own threads use (a torch head cost int8 mode ~16 % on 2 cores, BENCHMARKS.md).
+  Runtime's own threads use (a torch head cost int8 mode ~16 % on 2 cores, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ Precision = Literal["fp32", "fp16", "bf16"]
 _AUTOCAST_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_TOKEN_BUDGET = 16_384
 # The fixed cost of one forward pass on the CPU, in tokens' worth of compute: the padding a
-# chunk may add before a new pass is cheaper. Swept on the bench's texts (BENCHMARKS.md,
+# chunk may add before a new pass is cheaper. Swept on the bench's texts (docs/performance.md,
 # "Padding"): 32 was fastest at batches 64 and 128 for torch fp32 and int8 alike (16-64
 # within noise, 128 ~10-15 % slower). On CUDA a pass (its kernel launches) is the larger
 # cost, so only the token budget splits there.
@@ -173,7 +173,7 @@ def on_a_passing_thread(work: Callable[[], _T]) -> _T:
     parallel operator, for as long as that thread lives, and libgomp cuts every pool's
     spin-wait to almost nothing once their threads outnumber the CPUs: each operator then
     wakes its workers through the kernel. With the model loaded on the main thread, the
-    serving thread ran ~10 % slower on 2 cores, the CPUs 10 % idle (BENCHMARKS.md); a
+    serving thread ran ~10 % slower on 2 cores, the CPUs 10 % idle (docs/performance.md); a
     passing thread takes its pool with it.
     """
     outcome: list[_T] = []
@@ -351,7 +351,7 @@ class ModelRuntime:
         for key, rows in columns.items():
             array = np.full(filled.shape, self._pad_values[key], dtype=np.int64)
             # One masked copy per column: a slice assignment per row was 30 % of prepare's
-            # time on the serving I/O thread (BENCHMARKS.md, "The pipeline's own ceiling").
+            # time on the serving I/O thread (docs/performance.md, "The pipeline's own ceiling").
             array[filled] = np.fromiter(
                 itertools.chain.from_iterable(rows[i] for i in positions), dtype=np.int64, count=total
             )

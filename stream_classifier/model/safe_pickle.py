@@ -49,7 +49,7 @@ CONVERT_SETFIT_HEAD_HELP = (
     "SetFitModel.from_pretrained(DIR) and replace model_head with a LogisticRegression whose "
     "coef_/intercept_ are model_head.linear's weight/bias and classes_ = numpy.arange(k) (exact "
     "for out_features > 1 and temperature 1), then save it; or retrain with a LogisticRegression "
-    "head (see README: 'Models, training and the command line')"
+    "head (see docs/models.md)"
 )
 
 # numpy's own spelling of the plain dtypes in a pickle (``np.dtype(x).__reduce__()[1][0]``).

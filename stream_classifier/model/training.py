@@ -60,7 +60,7 @@ SamplingStrategy = Literal["oversampling", "undersampling", "unique"]
 
 class TrainingConfig(BaseModel):
     """Training hyperparameters. Defaults are the seed model card's (hours on 2 CPU cores;
-    see README for CPU-sized settings)."""
+    see docs/models.md for CPU-sized settings)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -57,6 +57,7 @@ class PartitionOffsets:
         self.pending: deque[Pending] = deque()
         self.committable: int | None = None
         self.committed: int | None = None
+        self.start: int | None = None  # the first offset tracked since the state was created
 
     def advance(self) -> None:
         while self.pending and self.pending[0].done:
@@ -71,6 +72,8 @@ class OffsetTracker:
         state = self._partitions.get(partition)
         if state is None:
             state = self._partitions[partition] = PartitionOffsets(partition)
+        if state.start is None:
+            state.start = offset
         entry = Pending(state, offset)
         state.pending.append(entry)
         return entry
@@ -104,6 +107,18 @@ class OffsetTracker:
             return None
         return state.pending[0].offset
 
+    def restart_point(self, partition: Partition) -> int | None:
+        """Where to re-read ``partition`` from to undo everything not committed by this tracker.
+
+        The last offset committed through :meth:`committed`, else the first one tracked; None
+        for a partition without state. Exact as long as the state was created when reading
+        began at the committed offset (on assign, after a commit, after a reconnect).
+        """
+        state = self._partitions.get(partition)
+        if state is None:
+            return None
+        return state.committed if state.committed is not None else state.start
+
     def drop(self, partitions: set[Partition]) -> int:
         """Forget ``partitions``; their pending messages become stale. Returns how many."""
         dropped = 0
@@ -123,7 +138,7 @@ class OffsetTracker:
             return None
         resume = state.pending[0].offset
         fresh = self._partitions[partition] = PartitionOffsets(partition)
-        fresh.committable, fresh.committed = state.committable, state.committed
+        fresh.committable, fresh.committed, fresh.start = state.committable, state.committed, state.start
         return resume
 
     def partitions(self) -> list[Partition]:

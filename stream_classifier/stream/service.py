@@ -46,16 +46,12 @@ Invariants (ARCHITECTURE.md names this module for them):
   dropped message. Up to the in-flight messages of a revoked partition may be published
   twice. On assign, consumption starts at the committed offsets.
 - **Shutdown** (:meth:`StreamService.stop`, e.g. on SIGTERM): stop polling, run what is
-  batched, publish, flush, commit, leave the group, within ``processing.shutdown_timeout_s``.
-- **Exactly-once** (``processing.guarantee: exactly_once``). Outputs, dead letters and the
-  consumed offsets go into one Kafka transaction (``send_offsets_to_transaction``), so a
-  ``read_committed`` reader sees each output once, crash or not. A commit is a barrier:
-  everything consumed so far is run, published and acknowledged first (within
-  ``_TRANSACTION_TIMEOUT_S``), then the offsets are added and the transaction committed —
-  at most every ``commit_interval_ms`` (>= ``_MIN_TRANSACTION_INTERVAL_S``) and on
-  shutdown. If a transaction fails, it is aborted, all in-flight state is dropped and the
-  clients reconnect: consumption resumes from the last committed transaction. Each process
-  has its own transactional id (prefix + random suffix).
+  batched, publish, flush, commit, leave the group, within ``processing.shutdown_timeout_s``
+  (the exactly-once commit included).
+- **Delivery guarantee.** How offsets commit (at-least-once, or exactly-once with
+  transactions, including what a revoke commits or aborts) is
+  :mod:`stream_classifier.stream.delivery`, picked once; the loop commits through it every
+  ``commit_interval_ms``, on revoke and on shutdown.
 """
 
 from __future__ import annotations
@@ -65,7 +61,6 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -101,7 +96,9 @@ from stream_classifier.stream.codec import (
     record_size,
 )
 from stream_classifier.stream.compute import ComputeWorker, Result
+from stream_classifier.stream.delivery import _TRANSACTION_TIMEOUT_S, close_quietly, make_delivery
 from stream_classifier.stream.offsets import OffsetTracker, Pending
+from stream_classifier.stream.pauses import Pauses
 from stream_classifier.transport.base import Consumer, Partition, Producer, Record, Transport
 
 logger = logging.getLogger(__name__)
@@ -109,8 +106,6 @@ logger = logging.getLogger(__name__)
 _PIPELINE_DEPTH = 3  # batches handed to the compute thread and not yet published
 _IDLE_POLL_S = 0.1
 _RUNNING_POLL_S = 0.05  # while a batch runs, how often the consumer is polled for the next
-_MIN_TRANSACTION_INTERVAL_S = 0.1
-_TRANSACTION_TIMEOUT_S = 30.0
 _REJECTED_MEMORY = 10_000  # inputs whose output the broker refused, dead-lettered when read again
 
 # What a produced record is for, so that a refusal can fall back to the next form.
@@ -188,18 +183,11 @@ class StreamService:
         self._runtime_backoff = Backoff("runtime", min_s=0.5, max_s=30.0)
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
-        # Pauses: the consumer's paused set is always what these three ask for.
-        self._backpressure = False
-        self._held: dict[Partition, float] = {}  # partition -> when it may resume (a failed delivery)
-        self._all_held_until = 0.0  # every partition (a broken runtime)
-        self._paused: set[Partition] = set()
+        self._pauses = Pauses(settings.batching.max_in_flight)
         self._rejected: OrderedDict[tuple[Partition, int], Rejected] = OrderedDict()
         self._last_commit = 0.0
-        self._commit_failing = False  # logs once per change of state, not once per retry
         self._next_lag_refresh = 0.0
-        self._exactly_once = settings.processing.guarantee == "exactly_once"
-        self._in_transaction = False
-        self._reconnect = False  # set when an aborted transaction left the clients' state behind
+        self._delivery = make_delivery(settings.processing, self._tracker, metrics, self.health)
 
         self._announce_model(runtime)
         metrics.preset_topics(self._kafka.input_topics)
@@ -253,13 +241,20 @@ class StreamService:
         log_event(logger, "partitions_revoked", partitions=[f"{t}:{p}" for t, p in partitions])
         self.metrics.rebalances.inc()
         self.health.set_consumer_joined(False)
-        self._forget(set(partitions))
+        self._release(set(partitions), lost=False)
 
     def on_lost(self, partitions: Sequence[Partition]) -> None:
         log_event(logger, "partitions_lost", logging.WARNING, partitions=[f"{t}:{p}" for t, p in partitions])
         self.metrics.rebalances.inc()
         self.health.set_consumer_joined(False)
-        self._forget(set(partitions))
+        self._release(set(partitions), lost=True)
+
+    def _release(self, partitions: set[Partition], *, lost: bool) -> None:
+        consumer, producer = self._consumer, self._producer
+        committed = False
+        if consumer is not None and producer is not None:
+            committed = self._delivery.releasing(partitions, consumer, producer, self, lost=lost)
+        self._forget(partitions, settled=committed)
 
     def on_assigned(self, partitions: Sequence[Partition]) -> None:
         log_event(logger, "partitions_assigned", partitions=[f"{t}:{p}" for t, p in partitions])
@@ -267,7 +262,7 @@ class StreamService:
         self.health.set_consumer_joined(True)
         for topic, partition in partitions:
             self.metrics.consumer_lag.labels(topic=topic, partition=str(partition))
-        self._paused -= set(partitions)  # a newly assigned partition starts unpaused in the client
+        self._pauses.assigned(set(partitions))
         self._apply_pauses(time.monotonic())
         self._next_lag_refresh = 0.0
 
@@ -279,9 +274,11 @@ class StreamService:
             try:
                 with self.health.waiting_on_broker():
                     if self._producer is None:
-                        self._producer = self._make_producer()
+                        self._producer = self._delivery.producer(self._transport)
                     if self._consumer is None:
-                        self._consumer = self._transport.consumer(read_committed=self._exactly_once)
+                        self._consumer = self._transport.consumer(
+                            read_committed=self._delivery.read_committed
+                        )
                         self._consumer.subscribe(self._kafka.input_topics, self)
                 self.health.set_producer_connected(True)
                 self._consume_backoff.ok()
@@ -295,21 +292,8 @@ class StreamService:
                     self._stopping.wait(delay)
         return False
 
-    def _make_producer(self) -> Producer:
-        if not self._exactly_once:
-            return self._transport.producer()
-        transactional_id = f"{self._settings.processing.transactional_id_prefix}-{uuid.uuid4().hex[:12]}"
-        producer = self._transport.producer(transactional_id=transactional_id)
-        try:
-            producer.init_transactions(_TRANSACTION_TIMEOUT_S)
-        except BaseException:
-            self._close(lambda: producer.close(1.0))
-            raise
-        log_event(logger, "transactions_initialised", transactional_id=transactional_id)
-        return producer
-
     def _tick(self) -> None:
-        if self._reconnect:
+        if self._delivery.needs_reconnect:
             self._reconnect_clients()
             if self._consumer is None:  # stopped while reconnecting
                 return
@@ -422,7 +406,7 @@ class StreamService:
         self.health.set_model_loaded(False)
         for tp in current:
             self._rewind(tp)
-        self._all_held_until = time.monotonic() + delay
+        self._pauses.hold_all(time.monotonic() + delay)
 
     def _publish(self, result: Result[_Item]) -> None:
         classes = result.classifier.labels
@@ -510,9 +494,7 @@ class StreamService:
             return False
         acks = self._acks
         entry.sent()
-        if self._exactly_once and not self._in_transaction:
-            self._producer.begin_transaction()
-            self._in_transaction = True
+        self._delivery.sending(self._producer)
 
         def delivered(error: BaseException | None) -> None:
             acks.put(_Ack(entry, error, timestamp_ms, source, kind, rejected))
@@ -591,7 +573,7 @@ class StreamService:
             )
             self.health.set_producer_connected(False)
             self._rewind(partition)
-            self._held[partition] = time.monotonic() + self._delivery_backoff.failed(ack.error)
+            self._pauses.hold(partition, time.monotonic() + self._delivery_backoff.failed(ack.error))
 
     def _rewind(self, partition: Partition) -> None:
         """Re-read ``partition`` from its oldest pending message; its commit point stays."""
@@ -602,15 +584,18 @@ class StreamService:
         if self._consumer is not None and partition in self._consumer.assignment():
             self._consumer.seek(partition, resume)
 
-    def _forget(self, partitions: set[Partition]) -> None:
+    def _forget(self, partitions: set[Partition], *, settled: bool = False) -> None:
         """Drop the in-flight work of ``partitions`` uncommitted, so that it is read again.
 
         A partition this consumer still holds (kafka-python revoked and re-assigned it,
         keeping its fetch position) is sought back to its oldest dropped message; one that
-        moved elsewhere is read by its new owner from the committed offset.
+        moved elsewhere is read by its new owner from the committed offset. ``settled``: the
+        delivery strategy committed all their work (nothing is pending), so their state goes
+        and nothing is sought, whether or not the consumer still lists them (librdkafka does
+        inside ``on_revoke``).
         """
         resume = {tp: self._tracker.resume_point(tp) for tp in partitions}
-        held = self._consumer.assignment() if self._consumer is not None else set()
+        held = self._consumer.assignment() if self._consumer is not None and not settled else set()
         # A held partition with nothing pending keeps its state (and its uncommitted commit point).
         stale = {tp for tp in partitions if tp not in held or resume[tp] is not None}
         self._tracker.drop(stale)
@@ -619,79 +604,41 @@ class StreamService:
             offset = resume[tp]
             if offset is not None and tp in held and self._consumer is not None:
                 self._consumer.seek(tp, offset)
-            self._held.pop(tp, None)
+            self._pauses.release(tp)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
 
     def _commit_if_due(self) -> None:
         now = time.monotonic()
-        interval_s = self._settings.processing.commit_interval_ms / 1000
-        if self._exactly_once:
-            interval_s = max(interval_s, _MIN_TRANSACTION_INTERVAL_S)
-        if now - self._last_commit >= interval_s:
-            self._commit()
+        if now - self._last_commit >= self._delivery.interval_s:
+            self._commit(now + _TRANSACTION_TIMEOUT_S)
             self._last_commit = now
 
-    def _commit(self) -> None:
-        assert self._consumer is not None
-        if self._exactly_once:
-            self._commit_transaction()
-            return
-        offsets = self._tracker.to_commit()
-        if not offsets:
-            return
-        try:
-            with self.health.waiting_on_broker():
-                self._consumer.commit(offsets)
-        except BrokerUnavailableError as exc:
-            # Retried on the next turn (the loop keeps polling, so rebalances are still seen).
-            self.metrics.commit_errors.inc()
-            if not self._commit_failing:
-                log_event(logger, "commit_failed", logging.WARNING, error=str(exc))
-            self._commit_failing = True
-            return
-        self._tracker.committed(offsets)
-        if self._commit_failing:
-            log_event(logger, "commit_recovered")
-        self._commit_failing = False
-
-    def _commit_transaction(self) -> None:
-        """Barrier: run, publish and acknowledge everything consumed; then commit it atomically."""
+    def _commit(self, deadline: float) -> None:
         assert self._consumer is not None and self._producer is not None
-        if not self._in_transaction:
-            return
-        deadline = time.monotonic() + _TRANSACTION_TIMEOUT_S
+        self._delivery.commit(self._consumer, self._producer, self, deadline)
+
+    def settle(self, deadline: float) -> bool:
+        """Run, publish and acknowledge everything consumed by ``deadline`` (the barrier)."""
         while (len(self._batcher) or self._compute.outstanding) and time.monotonic() < deadline:
             self._submit_batches(time.monotonic(), everything=True)
-            self._drain_results(block=True, timeout_s=0.5)
+            self._drain_results(block=True, timeout_s=max(0.0, min(0.5, deadline - time.monotonic())))
             self._drain_acks()
         flushed = self._flush(max(0.0, deadline - time.monotonic()))
         self._drain_acks()
-        offsets = self._tracker.to_commit()
-        try:
-            if not flushed or self._tracker.in_flight():
-                raise BrokerUnavailableError("not every record of the transaction was acknowledged in time")
-            with self.health.waiting_on_broker():
-                if offsets:
-                    self._producer.send_offsets_to_transaction(
-                        offsets, self._consumer, _TRANSACTION_TIMEOUT_S
-                    )
-                self._producer.commit_transaction(_TRANSACTION_TIMEOUT_S)
-        except (BrokerUnavailableError, RecordRejectedError) as exc:
-            self._abort_transaction(exc)
-            return
-        self._in_transaction = False
-        self._tracker.committed(offsets)
+        return flushed and not self._tracker.in_flight()
 
-    def _abort_transaction(self, error: BaseException) -> None:
-        """Undo the open transaction; what it covered is re-read after reconnecting."""
-        assert self._producer is not None
-        self.metrics.commit_errors.inc()
-        log_event(logger, "transaction_aborted", logging.WARNING, error=str(error))
-        producer = self._producer
-        self._close(lambda: producer.abort_transaction(_TRANSACTION_TIMEOUT_S))
-        self._in_transaction = False
-        self._reconnect = True
+    def undo(self) -> None:
+        """Drop all uncommitted work and re-read each held partition from its restart point."""
+        assert self._consumer is not None
+        partitions = set(self._tracker.partitions())
+        restart = {tp: self._tracker.restart_point(tp) for tp in partitions}
+        held = self._consumer.assignment()
+        self._tracker.drop(partitions)
+        self._batcher.drop(lambda item: True)
+        for tp, offset in restart.items():
+            if offset is not None and tp in held:
+                self._consumer.seek(tp, offset)
 
     def _reconnect_clients(self) -> None:
         """Drop all in-flight state and rejoin: consumption resumes from the committed offsets.
@@ -699,7 +646,7 @@ class StreamService:
         Every partition's state goes, commit points included: one reached inside the aborted
         transaction was never committed.
         """
-        self._reconnect = False
+        self._delivery.reconnecting()
         self._forget(set(self._tracker.partitions()))
         self._tracker.drop(set(self._tracker.partitions()))
         while self._compute.outstanding:  # stale now: drained, not published
@@ -708,12 +655,11 @@ class StreamService:
         self._consumer = self._producer = None
         self.health.set_producer_connected(False)
         self.health.set_consumer_joined(False)
-        self._paused.clear()
-        self._held.clear()
+        self._pauses.clear()
         if consumer is not None:
-            self._close(consumer.close)
+            close_quietly(consumer.close)
         if producer is not None:
-            self._close(lambda: producer.close(1.0))
+            close_quietly(lambda: producer.close(1.0))
         self._connect()
 
     def _flush(self, timeout_s: float) -> bool:
@@ -724,30 +670,12 @@ class StreamService:
     def _apply_backpressure(self) -> int:
         in_flight = self._tracker.in_flight()
         self.metrics.in_flight.set(in_flight)
-        limit = self._settings.batching.max_in_flight
-        if not self._backpressure and in_flight >= limit:
-            self._backpressure = True
-            log_event(logger, "consumption_paused", in_flight=in_flight)
-        elif self._backpressure and in_flight <= limit // 2:
-            self._backpressure = False
-            log_event(logger, "consumption_resumed", in_flight=in_flight)
+        self._pauses.backpressure(in_flight)
         return in_flight
 
     def _apply_pauses(self, now: float) -> None:
-        """Pause exactly the partitions that backpressure, a broken runtime or a failed delivery hold."""
-        if self._consumer is None:
-            return
-        assigned = self._consumer.assignment()
-        for tp, until in list(self._held.items()):
-            if until <= now or tp not in assigned:
-                del self._held[tp]
-        wanted = assigned if self._backpressure or now < self._all_held_until else set(self._held)
-        self._paused &= assigned
-        if pause := wanted - self._paused:
-            self._consumer.pause(pause)
-        if resume := self._paused - wanted:
-            self._consumer.resume(resume)
-        self._paused = set(wanted)
+        if self._consumer is not None:
+            self._pauses.apply(self._consumer, now)
 
     def _refresh_lag(self) -> None:
         assert self._consumer is not None
@@ -770,30 +698,18 @@ class StreamService:
         log_event(logger, "service_stopping", in_flight=self._tracker.in_flight())
         try:
             if self._consumer is not None and self._producer is not None:
-                while (len(self._batcher) or self._compute.outstanding) and time.monotonic() < deadline:
-                    self._submit_batches(time.monotonic(), everything=True)
-                    self._drain_results(block=True, timeout_s=max(0.0, min(0.5, deadline - time.monotonic())))
-                    self._drain_acks()
-                self._flush(max(0.0, deadline - time.monotonic()))
-                self._drain_acks()
-                self._commit()
+                self.settle(deadline)
+                self._commit(deadline)
         finally:
             self.health.set_consumer_joined(False)
             self.health.set_producer_connected(False)
             consumer, producer = self._consumer, self._producer
             if consumer is not None:
-                self._close(consumer.close)
+                close_quietly(consumer.close)
             if producer is not None:
-                self._close(lambda: producer.close(max(0.0, deadline - time.monotonic())))
+                close_quietly(lambda: producer.close(max(0.0, deadline - time.monotonic())))
             self._compute.stop(max(0.0, deadline - time.monotonic()))
             log_event(logger, "service_stopped", uncommitted=self._tracker.in_flight())
-
-    @staticmethod
-    def _close(close: Callable[[], object]) -> None:
-        try:
-            close()
-        except Exception as exc:
-            log_event(logger, "close_failed", logging.WARNING, error=repr(exc))
 
     # ------------------------------------------------------------------ the model
 

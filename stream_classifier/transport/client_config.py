@@ -95,7 +95,7 @@ def kafka_python_producer_config(k: KafkaSettings, *, transactional_id: str | No
     # acks=all + idempotence keep per-partition order across retries; a bounded block time
     # turns a missing broker into a retried error instead of a minute-long stall; a 5 ms
     # linger (librdkafka's default) sends a batch's outputs in a few requests instead of one
-    # each, which on a small CPU leaves more of it to the model (see BENCHMARKS.md).
+    # each, which on a small CPU leaves more of it to the model (see docs/performance.md).
     cfg.update(
         acks="all",
         enable_idempotence=True,

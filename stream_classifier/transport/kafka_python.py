@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 def crc32c_implementation() -> str:
     """How kafka-python checksums record batches (CRC-32C, every batch produced and fetched):
     ``c`` when the ``crc32c`` package (extra ``[fast]``) is installed, else ``python``, its
-    pure-Python fallback: consuming ~2.5-3x and producing ~1.7x slower (BENCHMARKS.md)."""
+    pure-Python fallback: consuming ~2.5-3x and producing ~1.7x slower (docs/performance.md)."""
     return "c" if kafka_record_util.crc32c_c is not None else "python"
 
 

@@ -1,7 +1,7 @@
 """Crashes: SIGKILL `serve` at random points while input keeps arriving, restart, repeat.
 
-Nothing may be lost, and the outputs written twice stay within the bound the README's
-message contract states: at most ``batching.max_in_flight`` messages per crash (they were
+Nothing may be lost, and the outputs written twice stay within the bound docs/reliability.md
+states (the duplicate bound): at most ``batching.max_in_flight`` messages per crash (they were
 published, and their offsets not yet committed). Replica loss: two instances, one killed
 mid-stream, the other takes its partitions over with no loss.
 """

@@ -1,6 +1,6 @@
 """`stream-classifier bench`: every stage runs against the real broker and the figures add up.
 
-Speed itself is never asserted here (BENCHMARKS.md holds the figures); these tests check
+Speed itself is never asserted here (docs/performance.md holds the figures); these tests check
 that one run measures every stage, that the pipeline published every message, and that the
 ratios are computed from the stages of that run.
 """

@@ -1,6 +1,6 @@
 """ModelRuntime: token-budget batching restores order, OOM splitting, devices, AMP tolerance.
 
-Documented tolerances (README, "Models, training and the command line"): under AMP the
+Documented tolerances (docs/models.md, "Inference runtime"): under AMP the
 probabilities stay within ``AMP_TOLERANCE`` (absolute) of fp32; int8 mode within
 ``INT8_TOLERANCE``. Measured on MiniLM-L6 on the CPU: bf16 4.7e-4, fp16 4.8e-5, int8 0.010
 (ONNX Runtime, per-channel int8 weights).

@@ -1,7 +1,7 @@
 """Client configuration for both transports: security settings, pass-through properties, secrets.
 
 SASL/SCRAM and TLS are covered here at the configuration level because the test broker
-cannot run them end to end (see RELIABILITY.md: Tansu 0.6 with ``--authentication`` has no
+cannot run them end to end (see docs/reliability.md: Tansu 0.6 with ``--authentication`` has no
 way to create the first SCRAM user on its in-memory storage).
 """
 
