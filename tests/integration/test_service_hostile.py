@@ -16,6 +16,7 @@ from kafka import KafkaProducer
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import PREFIX
 from tests.fixtures.broker import TRANSPORTS, committed_offsets, read_all
+from tests.fixtures.kafka_broker import BrokerTarget
 from tests.integration.service_support import output_body, running_service, service_settings, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.parametrize("transport", TRANSPORTS)]
@@ -85,8 +86,10 @@ def _produce(bootstrap: str, topic: str) -> tuple[int, dict[int, str]]:
 
 
 def test_hostile_records_never_stop_the_stream(
-    broker: str, topic_factory, kafka_settings, tiny_model_dir: Path, transport: str
+    any_broker: BrokerTarget, tiny_model_dir: Path, transport: str
 ) -> None:
+    """On both brokers and both transports."""
+    broker, topic_factory, kafka_settings = any_broker.bootstrap, any_broker.topic, any_broker.settings
     runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32")
     source, out, dlq = topic_factory("in"), topic_factory("out"), topic_factory("dlq")
     total, expected = _produce(broker, source)

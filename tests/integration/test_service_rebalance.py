@@ -10,7 +10,8 @@ import pytest
 from kafka import KafkaProducer
 
 from stream_classifier.model.runtime import ModelRuntime
-from tests.fixtures.broker import committed_offsets
+from tests.fixtures.broker import TRANSPORTS, committed_offsets
+from tests.fixtures.kafka_broker import BrokerTarget
 from tests.integration.service_support import (
     TopicReader,
     output_body,
@@ -22,9 +23,12 @@ from tests.integration.service_support import (
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_rebalance_between_two_instances_loses_nothing(
-    broker: str, topic_factory, kafka_settings, tiny_model_dir: Path
+    any_broker: BrokerTarget, tiny_model_dir: Path, transport: str
 ) -> None:
+    """On both brokers and both transports."""
+    broker, topic_factory, kafka_settings = any_broker.bootstrap, any_broker.topic, any_broker.settings
     source, out, dlq = topic_factory("in", partitions=4), topic_factory("out"), topic_factory("dlq")
     kafka = kafka_settings(input_topics=[source], output_topic=out, dead_letter_topic=dlq)
     settings = service_settings(kafka, batching={"max_batch_size": 4, "max_wait_ms": 10})
@@ -59,7 +63,15 @@ def test_rebalance_between_two_instances_loses_nothing(
                 # The first learns of its new share on its own next poll (kafka-python runs the
                 # rebalance callbacks there), possibly after the second has its share.
                 wait_until(lambda: len(first.assignment) < 4, 60, "the first to give up a share")
-                time.sleep(1.0)
+                # The second does work of its own before it leaves: a new output from a
+                # partition it holds.
+                mark = len(reader.read())
+                held = {p.partition for p in second.assignment}
+                reader.wait_for(
+                    lambda rs: any(output_body(r)["source"]["partition"] in held for r in rs[mark:]),
+                    60,
+                    "an output from the second instance's share",
+                )
             # The second instance left: the first takes all partitions back.
             wait_until(lambda: len(first.assignment) == 4, 60, "the first to take everything back")
             feeder.join(timeout=60)
