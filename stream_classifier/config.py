@@ -193,8 +193,8 @@ class BatchingSettings(_Section):
         default=4_096,
         ge=1,
         description=(
-            "Messages consumed and not yet committed, at most; consumption pauses at it. Also the bound on "
-            "duplicates after a crash."
+            "Messages consumed and not yet committed, at most; consumption pauses at it. It bounds the "
+            "duplicates after a crash (docs/reliability.md)."
         ),
     )
 
