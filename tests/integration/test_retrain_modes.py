@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from stream_classifier.learn.learning import retrain_once, start_learning
 from stream_classifier.model.format import load_model
 from stream_classifier.model.runtime import ModelRuntime
-from stream_classifier.ops.metrics import Metrics
+from stream_classifier.ops.metrics import PREFIX, Metrics
 from stream_classifier.transport import make_transport
 from tests.fixtures.broker import produce, read_all
 from tests.integration.retrain_support import good_feedback, learn_settings, seeded_store, send_feedback
@@ -28,6 +28,7 @@ def test_full_mode_trains_body_and_head_in_the_child_process(
 ) -> None:
     feedback, updates = topic_factory("fb"), topic_factory("upd")
     store = seeded_store(tiny_model_dir, tmp_path / "store")
+    seed_version = store.current()[0]
     send_feedback(broker, feedback, good_feedback(with_returns=True))
     settings = learn_settings(kafka_settings(), store.root, feedback, updates, mode="full")
 
@@ -37,11 +38,18 @@ def test_full_mode_trains_body_and_head_in_the_child_process(
     assert record.challenger is not None
     assert set(record.durations) >= {"load", "train", "evaluate"}
     assert record.scores["challenger"]["holdout"].keys() == {"macro_f1", "accuracy"}
+    assert record.reason  # the gate says why, either way
+    assert "returns" in record.labels
     if record.outcome == "promoted":
+        assert store.current()[0] == record.challenger
         bundle = load_model(store.path_of(record.challenger))
         assert bundle.metadata.params["mode"] == "full"
         assert bundle.metadata.params["body"]["steps"] == 2
         assert "returns" in bundle.labels
+    else:  # a rejected challenger leaves the store as it was, staging included
+        assert store.current()[0] == seed_version
+        assert [e.version for e in store.read().versions] == [seed_version]
+        assert not list((store.root / "staging").iterdir())
 
 
 def test_training_failure_leaves_serving_untouched(
@@ -84,6 +92,6 @@ def test_training_failure_leaves_serving_untouched(
     assert store.current()[0] == seed_version
     assert [e.version for e in store.read().versions] == [seed_version]
     assert not list((store.root / "staging").iterdir())
-    assert metrics.retrain_runs.labels(outcome="failed")._value.get() == 1
+    assert metrics.registry.get_sample_value(f"{PREFIX}_retrain_runs_total", {"outcome": "failed"}) == 1
     # The failed run's examples stay fresh: the next tick retries them.
     assert learning.feedback.fresh == len(pairs)
