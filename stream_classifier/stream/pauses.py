@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from stream_classifier.ops.logs import log_event
-from stream_classifier.transport import Consumer, Partition
+from stream_classifier.transport.base import Consumer, Partition
 
 logger = logging.getLogger(__name__)
 
