@@ -20,9 +20,10 @@ from prometheus_client import CollectorRegistry
 
 from stream_classifier.learn.learning import start_learning
 from stream_classifier.model.runtime import ModelRuntime
-from stream_classifier.ops.metrics import Metrics
+from stream_classifier.ops.metrics import PREFIX, Metrics
 from stream_classifier.transport import make_transport
 from tests.fixtures.broker import produce, read_all
+from tests.fixtures.kafka_broker import BrokerTarget
 from tests.integration.retrain_support import good_feedback, learn_settings, seeded_store, send_feedback
 from tests.integration.service_support import output_body, running_service, wait_until
 
@@ -37,8 +38,10 @@ FILLER = ["my parcel is late", "I was charged twice", "the app crashes", "where 
 
 
 def test_feedback_retrains_promotes_and_swaps_without_loss(
-    broker: str, topic_factory, kafka_settings, minilm_model_dir: Path, tmp_path: Path
+    any_broker: BrokerTarget, minilm_model_dir: Path, tmp_path: Path
 ) -> None:
+    """On both brokers: feedback and the model-updates topic on the broker under test."""
+    broker, topic_factory, kafka_settings = any_broker.bootstrap, any_broker.topic, any_broker.settings
     source, out, dlq = topic_factory("in", partitions=2), topic_factory("out"), topic_factory("dlq")
     feedback, updates = topic_factory("fb"), topic_factory("upd")
     store = seeded_store(minilm_model_dir, tmp_path / "store")
@@ -77,7 +80,8 @@ def test_feedback_retrains_promotes_and_swaps_without_loss(
             assert "returns" in record.labels
             assert set(record.durations) >= {"load", "train", "evaluate", "swap"}
             wait_until(lambda: service.model_version == record.challenger, 60, "the swap")
-            time.sleep(1.0)  # a little traffic after the swap too
+            swapped_at = len(sent)  # a little traffic after the swap too
+            wait_until(lambda: len(sent) >= swapped_at + 10, 60, "traffic after the swap")
         finally:
             stop_producing.set()
             producer.join()
@@ -94,7 +98,7 @@ def test_feedback_retrains_promotes_and_swaps_without_loss(
 
     assert store.current()[0] == record.challenger
     assert store.read().entry(record.challenger).parent == seed_version
-    assert metrics.retrain_runs.labels(outcome="promoted")._value.get() == 1
+    assert metrics.registry.get_sample_value(f"{PREFIX}_retrain_runs_total", {"outcome": "promoted"}) == 1
 
     bodies = [output_body(r) for r in outputs]
     ids = [b["id"] for b in bodies]
