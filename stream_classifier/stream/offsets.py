@@ -58,10 +58,19 @@ class PartitionOffsets:
         self.committable: int | None = None
         self.committed: int | None = None
         self.start: int | None = None  # the first offset tracked since the state was created
+        self.done: deque[int] = deque()  # offsets of finished messages not yet committed
 
     def advance(self) -> None:
         while self.pending and self.pending[0].done:
-            self.committable = self.pending.popleft().offset + 1
+            offset = self.pending.popleft().offset
+            self.done.append(offset)
+            self.committable = offset + 1
+
+    def passed(self, offset: int) -> None:
+        """The commit reached ``offset``: the finished messages before it stop counting."""
+        self.committed = offset
+        while self.done and self.done[0] < offset:
+            self.done.popleft()
 
 
 class OffsetTracker:
@@ -98,7 +107,7 @@ class OffsetTracker:
         for tp, offset in offsets.items():
             state = self._partitions.get(tp)
             if state is not None:
-                state.committed = offset
+                state.passed(offset)
 
     def resume_point(self, partition: Partition) -> int | None:
         """Where to re-read ``partition`` from to lose nothing: its oldest pending offset."""
@@ -139,11 +148,18 @@ class OffsetTracker:
         resume = state.pending[0].offset
         fresh = self._partitions[partition] = PartitionOffsets(partition)
         fresh.committable, fresh.committed, fresh.start = state.committable, state.committed, state.start
+        fresh.done = state.done
         return resume
 
     def partitions(self) -> list[Partition]:
         return list(self._partitions)
 
-    def in_flight(self) -> int:
-        # list() copies atomically, so other threads may read this while the I/O thread runs.
+    def unsettled(self) -> int:
+        """Messages whose records are not all sent and acknowledged yet."""
         return sum(len(state.pending) for state in list(self._partitions.values()))
+
+    def in_flight(self) -> int:
+        """Messages consumed and not yet committed: pending ones and finished ones the commit
+        has not passed. This is what backpressure bounds, so a crash re-reads at most it."""
+        # list() copies atomically, so other threads may read this while the I/O thread runs.
+        return sum(len(state.pending) + len(state.done) for state in list(self._partitions.values()))

@@ -626,7 +626,7 @@ class StreamService:
             self._drain_acks()
         flushed = self._flush(max(0.0, deadline - time.monotonic()))
         self._drain_acks()
-        return flushed and not self._tracker.in_flight()
+        return flushed and not self._tracker.unsettled()
 
     def undo(self) -> None:
         """Drop all uncommitted work and re-read each held partition from its restart point."""

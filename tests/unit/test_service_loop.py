@@ -121,6 +121,26 @@ def test_backpressure_never_lets_more_than_max_in_flight_be_consumed_uncommitted
     assert sorted(o for offsets in rig.sources().values() for o in offsets) == sorted(list(range(50)) * 2)
 
 
+def test_messages_finished_but_not_committed_count_against_max_in_flight() -> None:
+    """The duplicate bound: what a crash re-reads is at most ``max_in_flight`` messages."""
+    settings = unit_settings(
+        batching={"max_in_flight": 20}, kafka={"max_poll_records": 7}, processing={"commit_interval_ms": 200}
+    )
+    rig = ServiceRig(settings, partitions=2)
+    rig.transport.fail("commit", times=25)  # every output acknowledged, no commit lands for ~5 s
+    rig.send_many(100, partitions=2)
+    with rig:
+        paused = lambda: rig.transport.consumers and rig.transport.last_consumer.paused() == {P0, P1}  # noqa: E731
+        rig.wait(paused, what="the consumer to pause")
+        polls = rig.transport.calls["poll"]
+        rig.wait(lambda: rig.transport.calls["poll"] >= polls + 5, what="more polls")
+        assert rig.transport.scripted("commit") > 0  # still failing: the bound held, not a commit
+        assert rig.metric("messages_consumed_total", topic=IN) == 20
+        assert rig.metric("in_flight_messages") == 20
+        rig.wait(rig.committed_to_end, timeout_s=30, what="everything committed once commits land")
+    assert rig.transport.max_uncommitted <= 20
+
+
 @pytest.mark.parametrize("at", ["callback", "send"])
 def test_a_transient_produce_failure_rewinds_and_republishes_without_loss(at: str) -> None:
     rig = ServiceRig(partitions=2)
