@@ -44,6 +44,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+OAUTHBEARER_REFUSED = (
+    "OAUTHBEARER is not supported as kafka.sasl_mechanism: neither client gets a token from these "
+    "settings. Use SCRAM-SHA-512 (kafka.sasl_username, kafka.sasl_password). For OAuth/OIDC, use "
+    "kafka.transport 'confluent', leave kafka.sasl_mechanism unset and give librdkafka's own "
+    "properties in both kafka.consumer_properties and kafka.producer_properties: "
+    "sasl.mechanism: OAUTHBEARER, sasl.oauthbearer.method: oidc, sasl.oauthbearer.client.id, "
+    "sasl.oauthbearer.client.secret, sasl.oauthbearer.token.endpoint.url (and sasl.oauthbearer.scope "
+    "if your provider needs one)"
+)
+
+
 class KafkaSettings(_Section):
     """Where to connect and which topics to use."""
 
@@ -95,8 +106,12 @@ class KafkaSettings(_Section):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         default="PLAINTEXT", description="How the clients talk to the brokers."
     )
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
-        default=None, description="SASL mechanism, with a SASL_* security protocol."
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None,
+        description=(
+            "SASL mechanism, with a SASL_* security protocol. OAUTHBEARER is refused (its message "
+            "says what to use: SCRAM, or librdkafka's OIDC through the pass-through properties)."
+        ),
     )
     sasl_username: str | None = Field(default=None, description="SASL user name.")
     sasl_password: SecretStr | None = Field(
@@ -133,6 +148,13 @@ class KafkaSettings(_Section):
     def _non_empty(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("at least one input topic is required")
+        return value
+
+    @field_validator("sasl_mechanism", mode="before")
+    @classmethod
+    def _no_oauthbearer(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().upper() == "OAUTHBEARER":
+            raise ValueError(OAUTHBEARER_REFUSED)
         return value
 
 

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from stream_classifier.config import FeedbackSettings, Settings
 from stream_classifier.errors import BrokerUnavailableError, ConfigError
 from stream_classifier.learn.feedback_set import FeedbackBounds, FeedbackItem, FeedbackSet, FeedbackSnapshot
-from stream_classifier.learn.tail import TopicReader, offsets_key
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import DeadLetterReason, FeedbackDropReason, Metrics
 from stream_classifier.stream.backoff import Backoff
 from stream_classifier.stream.codec import OutgoingRecord, encode_dead_letter, minimal_dead_letter, source_id
 from stream_classifier.stream.codec import Rejected as CodecRejected
-from stream_classifier.transport import Producer, Record
+from stream_classifier.transport import Producer, Record, make_reader, offsets_key
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +187,7 @@ class FeedbackReader:
 
     def _read(self, backoff: Backoff) -> None:
         """One reader from the topics' beginning, resuming after the records already taken."""
-        reader = TopicReader(self._settings.kafka, self._settings.feedback.topics, start="beginning")
+        reader = make_reader(self._settings.kafka, self._settings.feedback.topics, start="beginning")
         try:
             if self._targets is None:
                 self._targets = reader.end_offsets()

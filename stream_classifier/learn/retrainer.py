@@ -46,13 +46,12 @@ from stream_classifier.learn.feedback import FeedbackReader, decode_feedback
 from stream_classifier.learn.feedback_set import FeedbackItem, FeedbackSnapshot
 from stream_classifier.learn.gate import gate
 from stream_classifier.learn.store import ModelStore
-from stream_classifier.learn.tail import TopicReader
 from stream_classifier.learn.updates import ModelSwapper, announce
 from stream_classifier.model.examples import Example, read_examples
 from stream_classifier.model.format import EXAMPLES_FILE, load_head, new_version_id
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.transport import Producer
+from stream_classifier.transport import Producer, make_reader
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,7 @@ def load_trusted_eval(settings: Settings) -> list[Example]:
         return []
     if not spec.startswith(_TOPIC_PREFIX):
         return read_examples(Path(spec)).examples
-    reader = TopicReader(settings.kafka, [spec[len(_TOPIC_PREFIX) :]], start="beginning")
+    reader = make_reader(settings.kafka, [spec[len(_TOPIC_PREFIX) :]], start="beginning")
     try:
         records = reader.read_to_end(_TRUSTED_READ_TIMEOUT_S)
     finally:

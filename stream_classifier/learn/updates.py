@@ -25,12 +25,11 @@ from typing import Any
 from stream_classifier.config import Settings
 from stream_classifier.errors import BrokerUnavailableError, ConfigError, StreamClassifierError
 from stream_classifier.learn.store import ModelStore, VersionEntry
-from stream_classifier.learn.tail import TopicReader
 from stream_classifier.model.format import METADATA_FILE, ModelMetadata, load_model
 from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.transport import Producer
+from stream_classifier.transport import Producer, TopicReader, make_reader
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +217,12 @@ class UpdatesFollower:
                     except BrokerUnavailableError as exc:
                         log_event(logger, "model_updates_read_retry", logging.WARNING, error=str(exc))
                         self._stop.wait(1.0)
+                    except StreamClassifierError as exc:
+                        # Refused for good (ACLs, credentials): reopen later; the manifest poll goes on.
+                        log_event(logger, "model_updates_unavailable", logging.WARNING, error=str(exc))
+                        reader.close()
+                        reader = None
+                        self._stop.wait(1.0)
                 else:
                     self._stop.wait(1.0)
                 if announced or time.monotonic() >= next_check:
@@ -230,7 +235,7 @@ class UpdatesFollower:
     def _open_reader(self) -> TopicReader | None:
         try:
             # From the end: what is current now comes from the manifest, not from history.
-            return TopicReader(
+            return make_reader(
                 self._settings.kafka,
                 [self._settings.retrain.updates_topic],
                 start="end",

@@ -2,7 +2,9 @@
 
 :func:`make_transport` picks the implementation named by ``settings.transport``:
 kafka-python (:mod:`.kafka_python`, the default) or confluent-kafka (:mod:`.confluent`, the
-``[fast]`` extra, imported only when chosen). Importing this package imports no client.
+``[fast]`` extra, imported only when chosen). :func:`make_reader` does the same for the
+learning side's whole-topic readers (:mod:`.reader`). Importing this package imports no
+client.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from stream_classifier.transport.base import (
     Record,
     Transport,
 )
+from stream_classifier.transport.reader import TopicReader, make_reader, offsets_key
 
 __all__ = [
     "Consumer",
@@ -27,8 +30,11 @@ __all__ = [
     "Producer",
     "RebalanceListener",
     "Record",
+    "TopicReader",
     "Transport",
+    "make_reader",
     "make_transport",
+    "offsets_key",
 ]
 
 

@@ -17,6 +17,9 @@ from stream_classifier.errors import ConfigError
 
 # Settings the service relies on; pass-through properties may not change them.
 _RESERVED_KAFKA_PYTHON_CONSUMER = {"enable_auto_commit": False}
+# kafka-python bootstraps while a client is made; its 30 s default makes every failure to
+# connect (a wrong password included: see kafka_python_auth.py) a 30 s stall at start.
+KAFKA_PYTHON_BOOTSTRAP_TIMEOUT_MS = 10_000
 
 
 def kafka_python_common_config(k: KafkaSettings) -> dict[str, Any]:
@@ -58,8 +61,13 @@ def security_config(k: KafkaSettings, **client_names: str) -> dict[str, Any]:
     return cfg
 
 
+def _kafka_python_client_config(k: KafkaSettings) -> dict[str, Any]:
+    """The common settings plus the transport's bootstrap bound (consumers and producers)."""
+    return {**kafka_python_common_config(k), "bootstrap_timeout_ms": KAFKA_PYTHON_BOOTSTRAP_TIMEOUT_MS}
+
+
 def kafka_python_consumer_config(k: KafkaSettings, *, read_committed: bool = False) -> dict[str, Any]:
-    cfg = kafka_python_common_config(k)
+    cfg = _kafka_python_client_config(k)
     cfg.update(
         isolation_level="read_committed" if read_committed else "read_uncommitted",
         group_id=k.group_id,
@@ -70,6 +78,16 @@ def kafka_python_consumer_config(k: KafkaSettings, *, read_committed: bool = Fal
         max_partition_fetch_bytes=max(k.max_request_size, 1_048_576),
     )
     return with_consumer_properties(cfg, k.consumer_properties, _RESERVED_KAFKA_PYTHON_CONSUMER)
+
+
+def kafka_python_reader_config(k: KafkaSettings) -> dict[str, Any]:
+    """A whole-topic reader's consumer (:mod:`.reader`): no group, no commits, the
+    pass-through consumer properties."""
+    cfg = _kafka_python_client_config(k)
+    cfg.update(group_id=None, max_partition_fetch_bytes=max(k.max_request_size, 1_048_576))
+    cfg = with_consumer_properties(cfg, k.consumer_properties, _RESERVED_KAFKA_PYTHON_CONSUMER)
+    cfg["group_id"] = None  # a reader never joins a group, whatever the properties say
+    return cfg
 
 
 def with_consumer_properties(
@@ -91,7 +109,7 @@ def with_consumer_properties(
 
 
 def kafka_python_producer_config(k: KafkaSettings, *, transactional_id: str | None = None) -> dict[str, Any]:
-    cfg = kafka_python_common_config(k)
+    cfg = _kafka_python_client_config(k)
     # acks=all + idempotence keep per-partition order across retries; a bounded block time
     # turns a missing broker into a retried error instead of a minute-long stall; a 5 ms
     # linger (librdkafka's default) sends a batch's outputs in a few requests instead of one
@@ -143,6 +161,23 @@ def confluent_consumer_config(k: KafkaSettings, *, read_committed: bool = False)
             "heartbeat.interval.ms": k.heartbeat_interval_ms,
             "max.partition.fetch.bytes": max(k.max_request_size, 1_048_576),
             "isolation.level": "read_committed" if read_committed else "read_uncommitted",
+        }
+    )
+    return with_consumer_properties(cfg, k.consumer_properties, _RESERVED_CONFLUENT_CONSUMER)
+
+
+def confluent_reader_config(k: KafkaSettings) -> dict[str, Any]:
+    """A whole-topic reader's consumer (:mod:`.reader`) in librdkafka's names.
+
+    librdkafka wants a ``group.id`` even for a consumer that only assigns; the reader never
+    subscribes and never commits, so the group is never joined.
+    """
+    cfg = confluent_common_config(k)
+    cfg.update(
+        {
+            "group.id": f"{k.group_id}-reader",
+            "enable.auto.offset.store": False,
+            "max.partition.fetch.bytes": max(k.max_request_size, 1_048_576),
         }
     )
     return with_consumer_properties(cfg, k.consumer_properties, _RESERVED_CONFLUENT_CONSUMER)

@@ -11,7 +11,10 @@ Chosen by ``kafka.transport: confluent`` and installed with ``pip install
 - offsets are never committed automatically;
 - librdkafka retries connections itself; its errors map to
   :class:`~stream_classifier.errors.BrokerUnavailableError` (transient) or
-  :class:`~stream_classifier.errors.TransportError` (fatal, e.g. authentication).
+  :class:`~stream_classifier.errors.TransportError` (fatal, e.g. authentication). What it
+  reports only to its error callback while reconnecting (refused credentials, a failing TLS
+  handshake: :class:`ClientErrors`) is raised by the client's next ``poll``/``send``, and a
+  topic the ACLs deny, which it reports once among the messages, by that ``poll``.
 
 Settings and pass-through properties use librdkafka's dotted names
 (``kafka.producer_properties: {linger.ms: 5}``).
@@ -46,6 +49,7 @@ from stream_classifier.transport.client_config import (
     confluent_producer_config,
     describe_client_config,
 )
+from stream_classifier.transport.reader import denied_topics_error, principal_hint
 
 try:
     import confluent_kafka as ck
@@ -58,7 +62,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 logger = logging.getLogger(__name__)
 # librdkafka's own log lines (connection failures while it retries, ...) go through logging,
 # not straight to stderr.
-_librdkafka_logger = logging.getLogger(f"{__name__}.librdkafka")
+librdkafka_logger = logging.getLogger(f"{__name__}.librdkafka")
 
 # How long send() keeps serving delivery reports while librdkafka's local queue is full
 # before it reports the broker as unavailable (kafka-python's max_block_ms counterpart).
@@ -89,14 +93,16 @@ _REFUSAL_CODES = {
 }
 
 
-def _translate_produce(error: ck.KafkaError) -> Exception:
+def _translate_produce(error: ck.KafkaError, topic: str) -> Exception:
     """A delivery error as the service sees it: refused for good, or worth a retry."""
     if error.name() in _REFUSAL_CODES:
-        return RecordRejectedError(f"the record was refused: {error.name()}: {error.str()}")
-    return _translate(ck.KafkaException(error), "producing")
+        return RecordRejectedError(
+            f"the record for topic {topic!r} was refused: {error.name()}: {error.str()}"
+        )
+    return translate(ck.KafkaException(error), f"producing to topic {topic!r}")
 
 
-def _translate(exc: BaseException, action: str) -> Exception:
+def translate(exc: BaseException, action: str) -> Exception:
     """Map a librdkafka error to the package's transient/fatal pair."""
     error = exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
     if error is not None and (error.fatal() or error.name() in _FATAL_CODES):
@@ -110,16 +116,50 @@ def _call(action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     try:
         return fn(*args, **kwargs)
     except ck.KafkaException as exc:
-        raise _translate(exc, action) from exc
+        raise translate(exc, action) from exc
 
 
-def _error_logger(role: str) -> Callable[[ck.KafkaError], None]:
-    """librdkafka's error callback: it reconnects by itself, so its errors are only logged."""
+# Errors librdkafka reports to ``error_cb`` while it reconnects by itself that reconnecting
+# cannot cure, and after how many of them the client gives up: credentials the broker
+# refuses (librdkafka reads the broker's reply every time), a TLS handshake that fails
+# (certificate verification, counted thrice: a single one may be a connection torn down
+# mid-handshake).
+_CONNECT_FATAL = {"_AUTHENTICATION": 1, "SASL_AUTHENTICATION_FAILED": 1, "_SSL": 3}
+# How librdkafka says it could not get an OAUTHBEARER token (its OIDC endpoint is down).
+_TOKEN_FETCH_FAILED = "Failed to acquire SASL OAUTHBEARER token"
+_FIX_HINT = {
+    "_AUTHENTICATION": "check kafka.sasl_username, kafka.sasl_password and kafka.sasl_mechanism",
+    "SASL_AUTHENTICATION_FAILED": "check kafka.sasl_username, kafka.sasl_password and kafka.sasl_mechanism",
+    "_SSL": "check kafka.ssl_cafile, kafka.ssl_certfile and kafka.ssl_keyfile",
+}
 
-    def on_error(error: ck.KafkaError) -> None:
-        log_event(logger, "kafka_client_error", logging.DEBUG, role=role, error=error.str())
 
-    return on_error
+class ClientErrors:
+    """librdkafka's error callback: logs every error and keeps the first one that will not
+    pass (:data:`_CONNECT_FATAL`, or one librdkafka calls fatal), for :meth:`raise_if_fatal`.
+
+    librdkafka calls it from ``poll``/``consume``/``flush``, on the caller's thread.
+    """
+
+    def __init__(self, role: str) -> None:
+        self._role = role
+        self._counts: dict[str, int] = {}
+        self.fatal: ck.KafkaError | None = None
+
+    def __call__(self, error: ck.KafkaError) -> None:
+        log_event(logger, "kafka_client_error", logging.DEBUG, role=self._role, error=error.str())
+        name = error.name()
+        if name == "_AUTHENTICATION" and _TOKEN_FETCH_FAILED in error.str():
+            return  # the OIDC token endpoint did not answer (pass-through OAUTHBEARER): it may yet
+        self._counts[name] = self._counts.get(name, 0) + 1
+        if self.fatal is None and (error.fatal() or self._counts[name] >= _CONNECT_FATAL.get(name, 1 << 30)):
+            self.fatal = error
+
+    def raise_if_fatal(self, action: str) -> None:
+        error = self.fatal
+        if error is not None:
+            hint = _FIX_HINT.get(error.name(), "check the kafka.* settings")
+            raise TransportError(f"{action} failed: {error.name()}: {error.str()}; {hint}")
 
 
 def _record(message: Any) -> Record:
@@ -146,6 +186,29 @@ def _record(message: Any) -> Record:
         return Record(*coordinates, key, value, (), when)
 
 
+def records_of(
+    messages: Iterable[Any], action: str, settings: KafkaSettings, topics: list[str]
+) -> list[Record]:
+    """The records among ``messages``; raises for an error event that will not pass.
+
+    librdkafka reports a topic the ACLs deny (or a group) once, as an error event among the
+    messages, and then fetches nothing from it: that is fatal, not a message to skip.
+    """
+    records: list[Record] = []
+    for message in messages:
+        error = message.error()
+        if error is None:
+            records.append(_record(message))
+        elif error.name() == "TOPIC_AUTHORIZATION_FAILED":
+            denied = [message.topic()] if message.topic() else topics
+            raise denied_topics_error(denied, principal_hint(settings), action)
+        elif error.fatal() or error.name() in _FATAL_CODES:
+            raise translate(ck.KafkaException(error), action)
+        else:
+            log_event(logger, "kafka_consumer_error", logging.DEBUG, error=error.str())
+    return records
+
+
 def _partitions(tps: Iterable[ck.TopicPartition]) -> list[Partition]:
     return sorted(Partition(tp.topic, tp.partition) for tp in tps)
 
@@ -160,10 +223,14 @@ class ConfluentConsumer:
     def __init__(self, settings: KafkaSettings, *, read_committed: bool = False) -> None:
         cfg = confluent_consumer_config(settings, read_committed=read_committed)
         log_event(logger, "kafka_consumer_config", config=describe_client_config(cfg))
-        cfg.update(error_cb=_error_logger("consumer"), logger=_librdkafka_logger)
+        self._settings = settings
+        self._errors = ClientErrors("consumer")
+        cfg.update(error_cb=self._errors, logger=librdkafka_logger)
         self._consumer = _call("connecting the consumer", ck.Consumer, cfg)
+        self._topics: list[str] = []
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
+        self._topics = list(topics)
         _call(
             "subscribing",
             self._consumer.subscribe,
@@ -174,17 +241,10 @@ class ConfluentConsumer:
         )
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
-        messages = _call("polling", self._consumer.consume, num_messages=max_records, timeout=timeout_s)
-        records: list[Record] = []
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.fatal():
-                    raise _translate(ck.KafkaException(error), "polling")
-                log_event(logger, "kafka_consumer_error", logging.DEBUG, error=error.str())
-                continue
-            records.append(_record(message))
-        return records
+        action = f"polling topic(s) {self._topics}"
+        messages = _call(action, self._consumer.consume, num_messages=max_records, timeout=timeout_s)
+        self._errors.raise_if_fatal(action)
+        return records_of(messages, action, self._settings, self._topics)
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
         _call("committing offsets", self._consumer.commit, offsets=_tps(offsets, offsets), asynchronous=False)
@@ -231,7 +291,8 @@ class ConfluentProducer:
     def __init__(self, settings: KafkaSettings, *, transactional_id: str | None = None) -> None:
         cfg = confluent_producer_config(settings, transactional_id=transactional_id)
         log_event(logger, "kafka_producer_config", config=describe_client_config(cfg))
-        cfg.update(error_cb=_error_logger("producer"), logger=_librdkafka_logger)
+        self._errors = ClientErrors("producer")
+        cfg.update(error_cb=self._errors, logger=librdkafka_logger)
         self._producer = _call("connecting the producer", ck.Producer, cfg)
 
     def send(
@@ -244,8 +305,9 @@ class ConfluentProducer:
         on_delivery: DeliveryCallback,
     ) -> None:
         def report(error: ck.KafkaError | None, _message: Any) -> None:
-            on_delivery(None if error is None else _translate_produce(error))
+            on_delivery(None if error is None else _translate_produce(error, topic))
 
+        self._errors.raise_if_fatal(f"producing to topic {topic!r}")
         deadline = time.monotonic() + _QUEUE_FULL_BLOCK_S
         while True:
             try:
@@ -260,15 +322,17 @@ class ConfluentProducer:
             except ck.KafkaException as exc:
                 error = exc.args[0] if exc.args and isinstance(exc.args[0], ck.KafkaError) else None
                 if error is not None and error.name() in _REFUSAL_CODES:
-                    raise _translate_produce(error) from exc
-                raise _translate(exc, "producing") from exc
+                    raise _translate_produce(error, topic) from exc
+                raise translate(exc, "producing") from exc
             except (TypeError, ValueError) as exc:
                 raise RecordRejectedError(f"the record was refused: {type(exc).__name__}: {exc}") from exc
 
     def poll(self, timeout_s: float) -> None:
         self._producer.poll(timeout_s)
+        self._errors.raise_if_fatal("producing")
 
     def flush(self, timeout_s: float) -> bool:
+        # A fatal client error surfaces at the next send() or poll(), not here: shutdown flushes.
         remaining: int = self._producer.flush(timeout_s)
         return remaining == 0
 

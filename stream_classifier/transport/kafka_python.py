@@ -1,4 +1,10 @@
-"""The kafka-python transport (the default): :mod:`.base`'s interface over kafka-python."""
+"""The kafka-python transport (the default): :mod:`.base`'s interface over kafka-python.
+
+kafka-python keeps to itself two failures that retrying cannot cure, so they are read where
+it leaves them: refused SASL credentials (:mod:`.kafka_python_auth`, when a client cannot
+bootstrap) and topics the ACLs deny (its cluster metadata, when a poll fetches nothing).
+Both raise :class:`~stream_classifier.errors.TransportError` naming the cause.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from stream_classifier.errors import (
     UnreadableRecordError,
 )
 from stream_classifier.ops.logs import log_event
+from stream_classifier.transport import kafka_python_auth
 from stream_classifier.transport.base import (
     Consumer,
     DeliveryCallback,
@@ -34,6 +41,7 @@ from stream_classifier.transport.client_config import (
     kafka_python_consumer_config,
     kafka_python_producer_config,
 )
+from stream_classifier.transport.reader import denied_topics_error, principal_hint
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +67,16 @@ _RECORD_REFUSALS = (
 _POSITION_TIMEOUT_MS = 5_000
 
 
-def _translate_produce(exc: BaseException) -> Exception:
+def _translate_produce(exc: BaseException, topic: str) -> Exception:
     """A produce error as the service sees it: refused for good, or worth a retry."""
-    if isinstance(exc, _RECORD_REFUSALS | TypeError | ValueError):
-        return RecordRejectedError(f"the record was refused: {type(exc).__name__}: {exc}")
+    if isinstance(exc, (*_RECORD_REFUSALS, TypeError, ValueError)):
+        return RecordRejectedError(f"the record for topic {topic!r} was refused: {type(exc).__name__}: {exc}")
     if isinstance(exc, Exception):
-        return _translate(exc, "producing")
-    return BrokerUnavailableError(f"producing failed: {type(exc).__name__}: {exc}")
+        return translate(exc, f"producing to topic {topic!r}")
+    return BrokerUnavailableError(f"producing to topic {topic!r} failed: {type(exc).__name__}: {exc}")
 
 
-def _translate(exc: Exception, action: str) -> Exception:
+def translate(exc: Exception, action: str) -> Exception:
     """Map a kafka-python error to the package's transient/fatal pair."""
     fatal = (
         kerr.KafkaConfigurationError,
@@ -85,7 +93,36 @@ def _call(action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
     try:
         return fn(*args, **kwargs)
     except (kerr.KafkaError, OSError) as exc:
-        raise _translate(exc, action) from exc
+        raise translate(exc, action) from exc
+
+
+def connect(settings: KafkaSettings, action: str, factory: Callable[..., Any], cfg: dict[str, Any]) -> Any:
+    """``factory(**cfg)``, a kafka-python client that bootstraps as it is made.
+
+    A failure to connect is transient unless the broker refused the SASL credentials (see
+    :mod:`.kafka_python_auth`): then it is fatal, and says which settings to check.
+    """
+    kafka_python_auth.install()
+    try:
+        return factory(**cfg)
+    except (kerr.KafkaError, OSError) as exc:
+        if kafka_python_auth.credentials_refused(settings):
+            raise kafka_python_auth.refused_credentials_error(settings, action) from exc
+        raise translate(exc, action) from exc
+
+
+def unauthorized_topics(client: Any, topics: Iterable[str]) -> list[str]:
+    """Which of ``topics`` the last metadata reply of ``client`` (a kafka-python consumer)
+    said this client may not see.
+
+    kafka-python keeps them in its cluster metadata and otherwise goes on fetching nothing
+    (a consumer subscribed to, or assigned, a denied topic polls empty forever); reading
+    them there is the only way to see the denial. Empty on a kafka-python without them.
+    """
+    denied = getattr(getattr(client, "_cluster", None), "unauthorized_topics", None)
+    if not isinstance(denied, set | frozenset):
+        return []
+    return sorted(set(topics) & denied)
 
 
 class _ListenerAdapter(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -117,12 +154,15 @@ class KafkaPythonConsumer:
         cfg = kafka_python_consumer_config(settings, read_committed=read_committed)
         crc32c = crc32c_implementation()
         log_event(logger, "kafka_consumer_config", config=describe_client_config(cfg), crc32c=crc32c)
-        self._consumer = _call("connecting the consumer", KafkaConsumer, **cfg)
+        self._settings = settings
+        self._consumer = connect(settings, "connecting the consumer", KafkaConsumer, cfg)
         self._rebalances = _ListenerAdapter()
         self._listener: RebalanceListener | None = None
+        self._topics: list[str] = []
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
         self._listener = listener
+        self._topics = list(topics)
         _call("subscribing", self._consumer.subscribe, list(topics), listener=self._rebalances)
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
@@ -132,7 +172,9 @@ class KafkaPythonConsumer:
         except (kerr.CorruptRecordError, UnicodeDecodeError) as exc:
             raise self._locate_unreadable(exc) from exc
         except (kerr.KafkaError, OSError) as exc:
-            raise _translate(exc, "polling") from exc
+            raise translate(exc, f"polling topic(s) {self._topics}") from exc
+        if not batches and (denied := unauthorized_topics(self._consumer, self._topics)):
+            raise denied_topics_error(denied, principal_hint(self._settings), "consuming")
         if self._dispatch_rebalances():  # drop what was fetched for partitions no longer ours
             assigned = self._consumer.assignment()
             batches = {tp: records for tp, records in batches.items() if tp in assigned}
@@ -222,7 +264,7 @@ class KafkaPythonProducer:
         cfg = kafka_python_producer_config(settings, transactional_id=transactional_id)
         crc32c = crc32c_implementation()
         log_event(logger, "kafka_producer_config", config=describe_client_config(cfg), crc32c=crc32c)
-        self._producer = _call("connecting the producer", KafkaProducer, **cfg)
+        self._producer = connect(settings, "connecting the producer", KafkaProducer, cfg)
 
     def send(
         self,
@@ -238,9 +280,9 @@ class KafkaPythonProducer:
         try:
             future = self._producer.send(topic, value=value, key=key, headers=sendable)
         except Exception as exc:
-            raise _translate_produce(exc) from exc
+            raise _translate_produce(exc, topic) from exc
         future.add_callback(lambda _metadata: on_delivery(None))
-        future.add_errback(lambda exc: on_delivery(_translate_produce(exc)))
+        future.add_errback(lambda exc: on_delivery(_translate_produce(exc, topic)))
 
     def poll(self, timeout_s: float) -> None:
         return None

@@ -107,7 +107,7 @@ def _settings() -> Settings:
 def running(
     topic: ScriptedTopic, monkeypatch: pytest.MonkeyPatch, settings: Settings | None = None
 ) -> Iterator[tuple[FeedbackReader, Metrics, RecordingProducer, threading.Thread]]:
-    monkeypatch.setattr(feedback_module, "TopicReader", topic.open)
+    monkeypatch.setattr(feedback_module, "make_reader", topic.open)
     metrics, producer = Metrics(CollectorRegistry()), RecordingProducer()
     reader = FeedbackReader(settings or _settings(), producer, metrics)
     thread = threading.Thread(target=reader.run, daemon=True)

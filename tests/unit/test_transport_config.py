@@ -1,8 +1,8 @@
-"""Client configuration for both transports: security settings, pass-through properties, secrets.
+"""Client configuration for both transports: security settings, pass-through properties,
+secrets, and OAUTHBEARER refused (with the librdkafka OIDC pass-through it points to).
 
-SASL/SCRAM and TLS are covered here at the configuration level because the test broker
-cannot run them end to end (see docs/reliability.md: Tansu 0.6 with ``--authentication`` has no
-way to create the first SCRAM user on its in-memory storage).
+Here at the configuration level; SASL/SCRAM and mutual TLS run end to end against Apache
+Kafka in tests/integration/test_security_e2e.py.
 """
 
 from __future__ import annotations
@@ -135,3 +135,46 @@ def test_pass_through_secrets_are_masked_in_logs_and_in_config(build) -> None:
     assert client_config.describe_client_config({"ssl.key.location": "/k.pem.path"}) == {
         "ssl.key.location": "/k.pem.path"
     }
+
+
+def test_oauthbearer_is_refused_with_what_to_use_instead(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream_classifier.config import load_settings
+
+    monkeypatch.setenv("STREAM_CLASSIFIER_KAFKA__SASL_MECHANISM", "OAUTHBEARER")
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert "setting 'kafka.sasl_mechanism'" in message
+    assert "Use SCRAM-SHA-512" in message
+    assert "sasl.oauthbearer.method: oidc" in message and "kafka.consumer_properties" in message
+
+
+OIDC = {
+    "sasl.mechanism": "OAUTHBEARER",
+    "sasl.oauthbearer.method": "oidc",
+    "sasl.oauthbearer.client.id": "classifier",
+    "sasl.oauthbearer.client.secret": "oidc-secret",
+    "sasl.oauthbearer.token.endpoint.url": "https://127.0.0.1:1/oauth2/token",
+}
+
+
+def test_librdkafka_oidc_passes_through_to_every_client_the_transport_makes() -> None:
+    """The way the refusal points to: librdkafka accepts the properties (it validates them
+    when a client is made) for the consumer, the producer and the learning side's readers;
+    the secret stays masked. Getting a token needs an identity provider, not run here."""
+    settings = KafkaSettings(
+        transport="confluent",
+        security_protocol="SASL_SSL",
+        bootstrap_servers=["127.0.0.1:1"],
+        consumer_properties=OIDC,
+        producer_properties=OIDC,
+    )
+    consumer = client_config.confluent_consumer_config(settings)
+    reader = client_config.confluent_reader_config(settings)
+    producer = client_config.confluent_producer_config(settings)
+    for cfg in (consumer, reader, producer):
+        assert cfg["sasl.mechanism"] == "OAUTHBEARER" and cfg["security.protocol"] == "sasl_ssl"
+        assert "oidc-secret" not in repr(client_config.describe_client_config(cfg))
+    ck.Consumer(consumer).close()
+    ck.Consumer(reader).close()
+    ck.Producer(producer).flush(0)
