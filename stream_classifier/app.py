@@ -49,8 +49,8 @@ class App:
         learning: bool = True,
     ) -> None:
         self.settings = settings
+        self.transport = transport or make_transport(settings.kafka)  # validates the client settings first
         self.metrics = metrics or Metrics()
-        self.transport = transport or make_transport(settings.kafka)  # validates the client settings
         self.health = HealthState(settings.metrics.liveness_timeout_s, ready_gauge=self.metrics.ready)
         self._runtime = runtime
         # The active-learning review hook unless the caller brings its own.

@@ -65,6 +65,7 @@ _RECORD_REFUSALS = (
     kerr.UnsupportedForMessageFormatError,
 )
 _POSITION_TIMEOUT_MS = 5_000
+_JOIN_POLL_S = 3.0  # the shortest poll while no partition is assigned
 
 
 def _translate_produce(exc: BaseException, topic: str) -> Exception:
@@ -167,6 +168,11 @@ class KafkaPythonConsumer:
 
     def poll(self, timeout_s: float, max_records: int) -> list[Record]:
         self._dispatch_rebalances()
+        if not self._consumer.assignment():
+            # kafka-python 3.0 can drop a group join that a poll's timeout cuts short (the
+            # member then keeps no partitions for good); unassigned, there is nothing else to
+            # do, so the poll waits long enough for a join to finish inside it.
+            timeout_s = max(timeout_s, _JOIN_POLL_S)
         try:
             batches = self._consumer.poll(int(timeout_s * 1000), max_records=max_records)
         except (kerr.CorruptRecordError, UnicodeDecodeError) as exc:
