@@ -2,7 +2,7 @@
 
 `serve` processes come from :mod:`tests.integration.service_support`.
 
-Soak mode (``STREAM_CLASSIFIER_SOAK=1``, marker ``soak``) runs the same scenarios longer,
+Soak mode (``STREAM_CLASSIFIER_TEST_SOAK=1``, marker ``soak``) runs the same scenarios longer,
 with the real MiniLM model; CI runs them small, with the tiny random model.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-SOAK = os.environ.get("STREAM_CLASSIFIER_SOAK") == "1"
+SOAK = os.environ.get("STREAM_CLASSIFIER_TEST_SOAK") == "1"
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ SCALES = [
         id="soak",
         marks=[
             pytest.mark.soak,
-            pytest.mark.skipif(not SOAK, reason="soak mode: set STREAM_CLASSIFIER_SOAK=1 and run -m soak"),
+            pytest.mark.skipif(not SOAK, reason="soak mode: set STREAM_CLASSIFIER_TEST_SOAK=1 and run -m soak"),
         ],
     ),
 ]
@@ -100,7 +100,7 @@ class PacedFeeder:
 
 def seeded_rng(request: pytest.FixtureRequest) -> random.Random:
     """A random generator whose seed is printed with the test's report (to replay a failure)."""
-    seed = int(os.environ.get("STREAM_CLASSIFIER_FAULT_SEED", random.randrange(1 << 30)))
+    seed = int(os.environ.get("STREAM_CLASSIFIER_TEST_FAULT_SEED", random.randrange(1 << 30)))
     request.node.user_properties.append(("fault_seed", seed))
-    sys.stderr.write(f"fault seed: {seed} (replay with STREAM_CLASSIFIER_FAULT_SEED={seed})\n")
+    sys.stderr.write(f"fault seed: {seed} (replay with STREAM_CLASSIFIER_TEST_FAULT_SEED={seed})\n")
     return random.Random(seed)
