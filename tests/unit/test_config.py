@@ -158,3 +158,71 @@ def test_auto_commit_cannot_be_switched_on() -> None:
 def test_transport_choice_comes_from_settings() -> None:
     settings = load_settings()
     assert isinstance(transport.make_transport(settings.kafka), kafka_python.KafkaPythonTransport)
+
+
+def test_decision_and_output_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAM_CLASSIFIER_DECISION__THRESHOLDS", '{"spam": 0.9}')
+    monkeypatch.setenv("STREAM_CLASSIFIER_DECISION__ABSTAIN_LABEL", "unknown")
+    monkeypatch.setenv("STREAM_CLASSIFIER_OUTPUT__ROUTES", '{"spam": "quarantine", "unknown": "review"}')
+    monkeypatch.setenv("STREAM_CLASSIFIER_OUTPUT__INCLUDE_INPUT", "original")
+    monkeypatch.setenv("STREAM_CLASSIFIER_OUTPUT__HEADERS", "all")
+    monkeypatch.setenv("STREAM_CLASSIFIER_OUTPUT__TIMESTAMP", "input")
+    settings = load_settings()
+    assert settings.decision.thresholds == {"spam": 0.9}
+    assert settings.decision.abstain_label == "unknown"
+    assert settings.output.routes == {"spam": "quarantine", "unknown": "review"}
+    assert settings.output.include_input == "original" and settings.output.timestamp == "input"
+    assert settings.output.header_mode == "all"
+    monkeypatch.setenv("STREAM_CLASSIFIER_OUTPUT__HEADERS", "traceparent, tenant")
+    assert load_settings().output.headers == ["traceparent", "tenant"]
+    assert load_settings().output.header_mode == "names"
+
+
+def test_output_defaults_keep_todays_output() -> None:
+    settings = load_settings()
+    assert settings.decision.abstain_label is None and settings.decision.thresholds == {}
+    assert settings.output.routes == {} and settings.output.include_input == "none"
+    assert settings.output.header_mode == "none" and settings.output.timestamp == "produced"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"decision": {"thresholds": {"spam": 0.9}}}, "decision.abstain_label"),
+        ({"decision": {"target_precision": {"spam": 0.95}}}, "decision.abstain_label"),
+        ({"decision": {"thresholds": {"spam": 1.5}, "abstain_label": "unknown"}}, "between 0 and 1"),
+        ({"output": {"headers": ["all", "trace"]}}, "stand alone"),
+        ({"output": {"routes": {"spam": " "}}}, "empty topic"),
+    ],
+)
+def test_decision_and_output_refusals(overrides: dict[str, object], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_settings(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("variable", "closest"),
+    [
+        ("STREAM_CLASSIFIER_DECISION__THRESHOLD", "STREAM_CLASSIFIER_DECISION__THRESHOLDS"),
+        ("STREAM_CLASSIFIER_KAFKA_BOOTSTRAP_SERVERS", "STREAM_CLASSIFIER_KAFKA__BOOTSTRAP_SERVERS"),
+        ("STREAM_CLASSIFIER_OUTPUTS__ROUTES", "STREAM_CLASSIFIER_OUTPUT__ROUTES"),
+        ("stream_classifier_output__rout", "STREAM_CLASSIFIER_OUTPUT__ROUTES"),
+    ],
+)
+def test_an_unknown_variable_is_refused_naming_the_closest_setting(
+    monkeypatch: pytest.MonkeyPatch, variable: str, closest: str
+) -> None:
+    monkeypatch.setenv(variable, "x")
+    with pytest.raises(ConfigError, match=f"{variable} names no setting; did you mean {closest}"):
+        load_settings()
+
+
+def test_known_variables_pass_the_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("kafka: {group_id: g}\n")
+    monkeypatch.setenv("STREAM_CLASSIFIER_CONFIG_FILE", str(config))
+    monkeypatch.setenv("STREAM_CLASSIFIER_TEST_ANYTHING", "1")  # the test suite's own namespace
+    monkeypatch.setenv("STREAM_CLASSIFIER_LOGGING", '{"level": "DEBUG"}')  # a whole section
+    monkeypatch.setenv("STREAM_CLASSIFIER_KAFKA__CONSUMER_PROPERTIES__FETCH_MIN_BYTES", "1")  # a mapping key
+    settings = load_settings()
+    assert settings.kafka.group_id == "g" and settings.logging.level == "DEBUG"

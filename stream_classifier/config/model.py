@@ -1,0 +1,48 @@
+"""Which model to serve and how to run it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from stream_classifier.config.base import Section
+
+
+class ModelSettings(Section):
+    """Which model to serve and how to run it."""
+
+    path: str | None = Field(
+        default=None,
+        description="Model directory to serve; with 'retrain.model_store' it seeds an empty store once.",
+    )
+    device: str = Field(
+        default="auto", description="'auto' (CUDA when torch sees a GPU), 'cpu', 'cuda' or 'cuda:N'."
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto",
+        description="'auto' is fp16 autocast on CUDA and fp32 on the CPU; bf16 needs a GPU that supports it.",
+    )
+    quantize: Literal["none", "int8"] = Field(
+        default="none",
+        description="'int8' runs the body on ONNX Runtime with int8 weights (CPU only, the [int8] extra).",
+    )
+    max_seq_length: int | None = Field(
+        default=None, ge=8, description="Tokens a text is truncated to; unset: the model's own maximum."
+    )
+    trusted: bool = Field(
+        default=False,
+        description=(
+            "Unpickle model_head.pkl without restriction (a pickle can run code): only for model directories "
+            "you made or trust."
+        ),
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in {"auto", "cpu", "cuda"}:
+            return value
+        if value.startswith("cuda:") and value[5:].isdigit():
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
