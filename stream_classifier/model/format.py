@@ -51,7 +51,7 @@ from sentence_transformers import SentenceTransformer
 
 from stream_classifier.errors import ModelError, UnsafeModelError
 from stream_classifier.model.examples import Example, read_examples
-from stream_classifier.model.head import LinearHead, head_from_state
+from stream_classifier.model.head import LinearHead, calibration_from_json, head_from_state
 from stream_classifier.model.safe_pickle import CONVERT_SETFIT_HEAD_HELP, Captured, load_restricted
 from stream_classifier.ops.logs import log_event
 
@@ -186,6 +186,7 @@ def _write_safe_head(head: LinearHead, directory: Path, pickle_sha256: str) -> N
         "classes": head.classes,
         "multi_class": head.multi_class,
         "model_head_pkl_sha256": pickle_sha256,
+        **head.calibration_json(),  # temperature, thresholds: only when not the defaults
     }
     (directory / SAFE_HEAD_JSON).write_text(json.dumps(spec, indent=2), encoding="utf-8")
 
@@ -225,6 +226,7 @@ def _read_safe_head(directory: Path) -> LinearHead | None:
             intercept=tensors["intercept"],
             classes=spec.get("classes", []),  # checked by LinearHead
             multi_class=spec.get("multi_class", "multinomial"),
+            **calibration_from_json(spec),
         )
 
 

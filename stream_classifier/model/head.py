@@ -10,20 +10,30 @@ probabilities:
 - ``ovr``: ``sigmoid`` per class, then each row divided by its sum (scikit-learn's
   one-vs-rest ``predict_proba`` for single-label data).
 
+The scores are divided by the head's ``temperature`` ``T`` (fitted by
+:mod:`stream_classifier.model.calibration`; 1.0 = uncalibrated) before the rule above, so a
+binary head gives ``sigmoid(z / T)`` and a multinomial one ``softmax(z / T)``. ``T > 0``, so
+the argmax never changes. ``thresholds`` (label -> minimum probability, fitted from
+``threshold_targets``, label -> target precision) travel with the head for the serving side.
+
 Invariants:
 
-- :meth:`LinearHead.predict_proba` and the module from :meth:`LinearHead.to_torch` equal
-  scikit-learn's ``predict_proba`` (numpy: float64 exact to rounding; torch fp32 within 1e-5);
+- at temperature 1.0, :meth:`LinearHead.predict_proba` and the module from
+  :meth:`LinearHead.to_torch` equal scikit-learn's ``predict_proba`` (numpy: float64 exact
+  to rounding; torch fp32 within 1e-5); :meth:`LinearHead.to_sklearn` is always the
+  uncalibrated estimator (what setfit reads from ``model_head.pkl``);
 - every :class:`LinearHead` is valid, whatever file it came from: ``coef`` and
   ``intercept`` are finite float64 copies of real-number arrays with consistent shapes; at
   least two class names, distinct, non-empty, UTF-8-encodable (no lone surrogates) and at
-  most :data:`MAX_CLASS_NAME_CHARS` characters; ``multi_class`` one of :data:`MultiClass`.
+  most :data:`MAX_CLASS_NAME_CHARS` characters; ``multi_class`` one of :data:`MultiClass`;
+  ``temperature`` a finite number in [:data:`MIN_TEMPERATURE`, :data:`MAX_TEMPERATURE`];
+  ``thresholds`` and ``threshold_targets`` keyed by class names, values finite in [0, 1].
   Anything else raises :class:`ModelError` when the head is built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -38,6 +48,8 @@ from stream_classifier.errors import ModelError
 MultiClass = Literal["multinomial", "ovr"]
 MAX_CLASS_NAME_CHARS = 200
 """Longest class name a head may carry, in characters (names travel in every output record)."""
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+"""Bounds on a head's temperature (far outside anything a fit on real predictions gives)."""
 _FIX_LABELS = "fix the labels in config_setfit.json (or head.json), or retrain with valid label names"
 
 
@@ -61,6 +73,9 @@ class LinearHead:
     intercept: NDArray[np.float64]
     classes: list[str]
     multi_class: MultiClass = "multinomial"
+    temperature: float = 1.0
+    thresholds: dict[str, float] = field(default_factory=dict)
+    threshold_targets: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         coef, intercept = _finite_floats(self.coef, "coef"), _finite_floats(self.intercept, "intercept")
@@ -79,6 +94,9 @@ class LinearHead:
             raise ModelError(
                 f"head multi_class {self.multi_class!r} is unknown: expected one of {get_args(MultiClass)}"
             )
+        object.__setattr__(self, "temperature", _temperature(self.temperature))
+        for name in ("thresholds", "threshold_targets"):
+            object.__setattr__(self, name, _label_map(getattr(self, name), name, self.classes))
 
     @property
     def dim(self) -> int:
@@ -92,8 +110,16 @@ class LinearHead:
         return result
 
     def predict_proba(self, embeddings: NDArray[Any]) -> NDArray[np.float64]:
-        """Class probabilities ``(n, k)`` in :attr:`classes` order."""
-        z = self.scores(embeddings)
+        """Calibrated class probabilities ``(n, k)`` in :attr:`classes` order."""
+        return self.probabilities_from_scores(self.scores(embeddings))
+
+    def probabilities_from_scores(
+        self, z: NDArray[np.float64], temperature: float | None = None
+    ) -> NDArray[np.float64]:
+        """Probabilities from scores ``(n, rows)`` at ``temperature`` (default: the head's)."""
+        t = self.temperature if temperature is None else temperature
+        if t != 1.0:
+            z = z / t
         if z.shape[1] == 1:
             p = _sigmoid(z[:, 0])
             return np.stack([1.0 - p, p], axis=1)
@@ -102,6 +128,17 @@ class LinearHead:
         p = _sigmoid(z)
         result: NDArray[np.float64] = p / p.sum(axis=1, keepdims=True)
         return result
+
+    def calibration_json(self) -> dict[str, Any]:
+        """The head.json fields for temperature and thresholds; empty when all are defaults."""
+        spec: dict[str, Any] = {}
+        if self.temperature != 1.0:
+            spec["temperature"] = self.temperature
+        if self.thresholds:
+            spec["thresholds"] = dict(self.thresholds)
+        if self.threshold_targets:
+            spec["threshold_targets"] = dict(self.threshold_targets)
+        return spec
 
     # ------------------------------------------------------------------ scikit-learn
 
@@ -176,10 +213,13 @@ class TorchLinearHead(torch.nn.Module):
             self.linear.weight.copy_(coef)
             self.linear.bias.copy_(intercept)
         self.linear.requires_grad_(False)
+        self.temperature = head.temperature
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             z = self.linear(embeddings.float())
+            if self.temperature != 1.0:
+                z = z / self.temperature
             if self.binary:
                 p = torch.sigmoid(z)
                 return torch.cat([1.0 - p, p], dim=1)
@@ -201,6 +241,46 @@ def _finite_floats(value: Any, what: str) -> NDArray[np.float64]:
     if not np.isfinite(floats).all():
         raise ModelError(f"the head's {what} holds NaN or infinite values: retrain the model")
     return floats
+
+
+def calibration_from_json(spec: dict[str, Any]) -> dict[str, Any]:
+    """:class:`LinearHead` keyword arguments from head.json's calibration fields (defaults when absent).
+
+    Values are checked when the head is built.
+    """
+    return {
+        "temperature": spec.get("temperature", 1.0),
+        "thresholds": spec.get("thresholds", {}),
+        "threshold_targets": spec.get("threshold_targets", {}),
+    }
+
+
+def _temperature(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise ModelError(f"the head's temperature {_shown(value)} is not a number: retrain or recalibrate")
+    t = float(value)
+    if not MIN_TEMPERATURE <= t <= MAX_TEMPERATURE:  # also false for NaN
+        raise ModelError(
+            f"the head's temperature {t} is outside [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]: "
+            "retrain or recalibrate the model"
+        )
+    return t
+
+
+def _label_map(value: Any, what: str, classes: list[str]) -> dict[str, float]:
+    """A copy of ``value`` as ``{class name: probability in [0, 1]}``."""
+    if not isinstance(value, dict):
+        raise ModelError(f"the head's {what} must map labels to numbers, not {type(value).__name__}")
+    result: dict[str, float] = {}
+    for label, number in value.items():
+        if label not in classes:
+            raise ModelError(f"the head's {what} name {_shown(label)}, which is not one of its classes")
+        if isinstance(number, bool) or not isinstance(number, int | float | np.floating | np.integer):
+            raise ModelError(f"the head's {what}[{label!r}] is {_shown(number)}, not a number")
+        if not 0.0 <= float(number) <= 1.0:  # also false for NaN
+            raise ModelError(f"the head's {what}[{label!r}] = {number} is outside [0, 1]")
+        result[label] = float(number)
+    return result
 
 
 def _check_class_names(classes: Any) -> None:

@@ -323,6 +323,11 @@ class ModelRuntime:
     def base_model(self) -> str:
         return str(self.bundle.metadata.base_model or "")
 
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The head's fitted label -> minimum calibrated probability (empty when none were fitted)."""
+        return dict(self.bundle.head.thresholds)
+
     # ------------------------------------------------------------------ prepare (CPU)
 
     def prepare(self, texts: Sequence[str]) -> PreparedBatch:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
 from stream_classifier.errors import ModelError
-from stream_classifier.model.head import MAX_CLASS_NAME_CHARS, LinearHead, head_from_state
+from stream_classifier.model.head import (
+    MAX_CLASS_NAME_CHARS,
+    LinearHead,
+    calibration_from_json,
+    head_from_state,
+)
 
 
 def _data(k: int, n: int = 60, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -225,3 +233,77 @@ def _binary(dim: int = 4) -> _Estimator:
 def test_hostile_one_vs_rest_states_are_model_errors(state: dict[str, object], message: str) -> None:
     with pytest.raises(ModelError, match=message):
         head_from_state("OneVsRestClassifier", state, _NAMES)
+
+
+# ---------------------------------------------------------------------- temperature and thresholds
+
+
+@pytest.mark.parametrize("kind", list(SKLEARN_HEADS))
+@pytest.mark.parametrize("temperature", [0.25, 3.0])
+def test_temperature_divides_the_scores_and_keeps_the_argmax(kind: str, temperature: float) -> None:
+    k = 2 if kind in {"binary", "ovr-binary"} else 4
+    x, y = _data(k)
+    model = SKLEARN_HEADS[kind]().fit(x, y)
+    plain = LinearHead.from_sklearn(model, [f"n{i}" for i in range(k)])
+    head = dataclasses.replace(plain, temperature=temperature)
+    z = plain.scores(x) / temperature
+    if z.shape[1] == 1:
+        expected = np.stack([1 / (1 + np.exp(z[:, 0])), 1 / (1 + np.exp(-z[:, 0]))], axis=1)
+    elif plain.multi_class == "multinomial":
+        expected = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    else:
+        sig = 1 / (1 + np.exp(-z))
+        expected = sig / sig.sum(axis=1, keepdims=True)
+    got = head.predict_proba(x)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    assert not np.allclose(got, plain.predict_proba(x), atol=1e-6)
+    np.testing.assert_array_equal(got.argmax(axis=1), plain.predict_proba(x).argmax(axis=1))
+    with torch.inference_mode():
+        torch_got = head.to_torch("cpu")(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(torch_got, expected, rtol=0, atol=1e-5)
+    # setfit reads the uncalibrated estimator: same coefficients, sklearn's probabilities.
+    np.testing.assert_allclose(head.to_sklearn().predict_proba(x), model.predict_proba(x), atol=1e-12)
+
+
+def test_a_head_without_calibration_writes_no_calibration_fields() -> None:
+    head = LinearHead(_COEF, _INTERCEPT, _NAMES)
+    assert (head.temperature, head.thresholds, head.threshold_targets) == (1.0, {}, {})
+    assert head.calibration_json() == {}
+    rebuilt = LinearHead(_COEF, _INTERCEPT, _NAMES, **calibration_from_json({"format_version": 1}))
+    assert (rebuilt.temperature, rebuilt.thresholds, rebuilt.threshold_targets) == (1.0, {}, {})
+
+
+def test_calibration_fields_round_trip_through_json() -> None:
+    head = LinearHead(
+        _COEF, _INTERCEPT, _NAMES, temperature=1.7, thresholds={"a": 0.8}, threshold_targets={"a": 0.95}
+    )
+    spec = json.loads(json.dumps(head.calibration_json()))
+    assert spec == {"temperature": 1.7, "thresholds": {"a": 0.8}, "threshold_targets": {"a": 0.95}}
+    rebuilt = LinearHead(_COEF, _INTERCEPT, _NAMES, **calibration_from_json(spec))
+    assert (rebuilt.temperature, rebuilt.thresholds, rebuilt.threshold_targets) == (
+        1.7,
+        {"a": 0.8},
+        {"a": 0.95},
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"temperature": 0.0}, "outside"),
+        ({"temperature": -1.0}, "outside"),
+        ({"temperature": float("nan")}, "outside"),
+        ({"temperature": float("inf")}, "outside"),
+        ({"temperature": "2"}, "not a number"),
+        ({"temperature": True}, "not a number"),
+        ({"thresholds": {"z": 0.5}}, "not one of its classes"),
+        ({"thresholds": {"a": 1.5}}, "outside"),
+        ({"thresholds": {"a": float("nan")}}, "outside"),
+        ({"thresholds": {"a": "0.5"}}, "not a number"),
+        ({"thresholds": [0.5]}, "must map labels"),
+        ({"threshold_targets": {"b": -0.1}}, "outside"),
+    ],
+)
+def test_hostile_calibration_fields_are_model_errors(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        LinearHead(_COEF, _INTERCEPT, _NAMES, **changes)  # type: ignore[arg-type]
