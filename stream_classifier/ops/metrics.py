@@ -57,7 +57,7 @@ FEEDBACK_READER_STAGES = ("read", "record")
 RETRAIN_OUTCOMES = ("promoted", "rejected", "skipped", "failed")
 RETRAIN_PHASES = ("load", "train", "evaluate", "swap")
 SCORE_SPLITS = ("holdout", "trusted")
-SCORE_METRICS = ("macro_f1", "accuracy")
+SCORE_METRICS = ("macro_f1", "accuracy", "ece", "log_loss")
 SCORE_ROLES = ("champion", "challenger")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
