@@ -47,6 +47,7 @@ from numpy.typing import NDArray
 from stream_classifier.errors import ModelError
 from stream_classifier.model.format import ModelBundle, load_model
 from stream_classifier.model.int8 import Int8Body
+from stream_classifier.model.precision import PrecisionChoice, choose_cpu_precision
 from stream_classifier.ops.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,9 @@ class ModelRuntime:
         self.precision: Precision = resolve_precision(precision, self.device)
         self.token_budget = token_budget
         self.quantize = quantize
+        self.requested_precision = precision
+        # The CPU's precision is settled at warm-up (model/precision.py); until then auto is fp32.
+        self.precision_choice: PrecisionChoice | None = None
         body_max = bundle.body.max_seq_length or 512
         self.max_seq_length = min(max_seq_length, body_max) if max_seq_length else body_max
         tokenizer = bundle.body.tokenizer
@@ -382,7 +386,11 @@ class ModelRuntime:
         return self._run(self.prepare(texts), self._embed, self.bundle.head.dim)
 
     def warmup(self) -> None:
-        """One small forward pass of short and long texts (allocators, kernels, autotuning)."""
+        """One small forward pass of short and long texts (allocators, kernels, autotuning);
+        on the CPU with a torch body, first the precision is settled (and logged) once."""
+        if self.precision_choice is None and self.device.type == "cpu" and self.quantize == "none":
+            self.precision_choice = choose_cpu_precision(self, self.requested_precision)
+            self.precision = self.precision_choice.precision  # type: ignore[assignment]
         self.predict_proba(["warm up", "warm up " * max(1, self.max_seq_length // 4)])
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
