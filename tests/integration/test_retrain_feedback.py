@@ -31,6 +31,12 @@ BAD = [
     (b'{"text": "' + b"x" * 600 + b'", "label": "billing"}', "too_large"),
 ]
 
+HELD = "stream_classifier_feedback_examples"
+
+
+def _dead_letters(metrics: Metrics, reason: str) -> float | None:
+    return metrics.registry.get_sample_value("stream_classifier_dead_letters_total", {"reason": reason})
+
 
 @contextmanager
 def reading(settings: Settings, metrics: Metrics, baseline: dict[str, int]) -> Iterator[FeedbackReader]:
@@ -74,7 +80,7 @@ def test_bad_feedback_is_dead_lettered_and_a_restart_rebuilds_the_set(
     assert reasons == sorted(reason for _, reason in BAD)
     assert {r.key for r in letters} == {b"bad-%d" % i for i in range(len(BAD))}
     for _, reason in BAD:
-        assert metrics.dead_letters.labels(reason=reason)._value.get() == 1
+        assert _dead_letters(metrics, reason) == 1
     progress = store.read().feedback_offsets
     assert progress == {f"{feedback}:0": len(messages)}
 
@@ -87,11 +93,11 @@ def test_bad_feedback_is_dead_lettered_and_a_restart_rebuilds_the_set(
         assert [e.label for e in relabelled] == ["tech"]  # the latest label won
         assert second.fresh == 0  # nothing new since the last run
         held = {
-            label: restarted.feedback_examples.labels(label=label)._value.get() for label in snapshot.labels
+            label: restarted.registry.get_sample_value(HELD, {"label": label}) for label in snapshot.labels
         }
         assert held == {"billing": 7, "shipping": 8, "tech": 9, "returns": 16}
         produce(broker, feedback, feedback_messages([("a brand new complaint about my bill", "billing")]))
         wait_until(lambda: second.fresh == 1, 30, "the new example")
     for _, reason in BAD:  # not dead-lettered a second time
-        assert restarted.dead_letters.labels(reason=reason)._value.get() == 0
+        assert _dead_letters(restarted, reason) == 0
     assert len(read_all(broker, dlq, len(BAD) + 1, timeout_s=3)) == len(BAD)

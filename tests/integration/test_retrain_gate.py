@@ -61,4 +61,5 @@ def test_poisoned_feedback_is_rejected_by_the_trusted_set(
     assert scores["challenger"]["trusted"]["accuracy"] < scores["champion"]["trusted"]["accuracy"]
     assert store.current()[0] == seed_version
     assert [e.version for e in store.read().versions] == [seed_version]
-    assert metrics.retrain_runs.labels(outcome="rejected")._value.get() == 1
+    runs = metrics.registry.get_sample_value("stream_classifier_retrain_runs_total", {"outcome": "rejected"})
+    assert runs == 1

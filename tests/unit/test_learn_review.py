@@ -56,7 +56,7 @@ def test_router_copies_uncertain_predictions_with_text_probabilities_and_version
     assert payload["reason"] == "low_confidence"
     assert payload["probabilities"] == {"a": 0.4000000059604645, "b": 0.3499999940395355, "c": 0.25}
     assert payload["source"] == {"topic": "in", "partition": 0, "offset": 1}
-    assert metrics.review_routed._value.get() == 1
+    assert metrics.registry.get_sample_value("stream_classifier_review_routed_total") == 1
 
 
 def test_rate_cap_limits_copies_and_counts_the_rest() -> None:
@@ -70,7 +70,7 @@ def test_rate_cap_limits_copies_and_counts_the_rest() -> None:
     assert len(list(router(_batch(uncertain)))) == 2
     clock.now += 0.25
     assert len(list(router(_batch(uncertain)))) == 0
-    assert metrics.review_rate_limited._value.get() == 26
+    assert metrics.registry.get_sample_value("stream_classifier_review_rate_limited_total") == 26
 
 
 def test_token_bucket_refills_at_its_rate_up_to_its_capacity() -> None:
