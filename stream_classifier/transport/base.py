@@ -89,8 +89,12 @@ class Producer(Protocol):
         key: bytes | None,
         headers: Headers,
         on_delivery: DeliveryCallback,
+        timestamp_ms: int | None = None,
     ) -> None:
-        """Queue one record; ``on_delivery`` gets ``None`` once acknowledged, else the error."""
+        """Queue one record; ``on_delivery`` gets ``None`` once acknowledged, else the error.
+
+        ``timestamp_ms``: the record's CreateTime; None: the time it is produced.
+        """
 
     def poll(self, timeout_s: float) -> None:
         """Serve delivery callbacks where the client needs the caller's thread (a no-op otherwise)."""

@@ -303,6 +303,7 @@ class ConfluentProducer:
         key: bytes | None,
         headers: Headers,
         on_delivery: DeliveryCallback,
+        timestamp_ms: int | None = None,
     ) -> None:
         def report(error: ck.KafkaError | None, _message: Any) -> None:
             on_delivery(None if error is None else _translate_produce(error, topic))
@@ -311,7 +312,9 @@ class ConfluentProducer:
         deadline = time.monotonic() + _QUEUE_FULL_BLOCK_S
         while True:
             try:
-                self._producer.produce(topic, value, key, headers=list(headers), on_delivery=report)
+                self._producer.produce(
+                    topic, value, key, headers=list(headers), on_delivery=report, timestamp=timestamp_ms or 0
+                )
                 return
             except BufferError:  # local queue full: serve reports until there is room
                 if time.monotonic() > deadline:

@@ -280,11 +280,14 @@ class KafkaPythonProducer:
         key: bytes | None,
         headers: Headers,
         on_delivery: DeliveryCallback,
+        timestamp_ms: int | None = None,
     ) -> None:
         # kafka-python's send() takes header values as bytes only: a null value goes out empty.
         sendable = [(name, b"" if data is None else data) for name, data in headers]
         try:
-            future = self._producer.send(topic, value=value, key=key, headers=sendable)
+            future = self._producer.send(
+                topic, value=value, key=key, headers=sendable, timestamp_ms=timestamp_ms
+            )
         except Exception as exc:
             raise _translate_produce(exc, topic) from exc
         future.add_callback(lambda _metadata: on_delivery(None))

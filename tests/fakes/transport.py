@@ -529,6 +529,7 @@ class FakeProducer:
         key: bytes | None,
         headers: Headers,
         on_delivery: DeliveryCallback,
+        timestamp_ms: int | None = None,
     ) -> None:
         self._check("send")
         transport = self._transport
@@ -544,7 +545,7 @@ class FakeProducer:
             if rule is not None and rule.at == "send":
                 raise _error(rule.error, f"scripted send failure ({topic})")
             if rule is None:
-                self._broker._append(topic, key, value, tuple(headers), self._txn)
+                self._broker._append(topic, key, value, tuple(headers), self._txn, timestamp_ms=timestamp_ms)
             error = None if rule is None else _error(rule.error, f"scripted delivery failure ({topic})")
             transport._report(self, on_delivery, error)
 
