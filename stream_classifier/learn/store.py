@@ -15,7 +15,10 @@ Invariants:
 - every read-modify-write of the manifest holds an exclusive ``flock`` on ``.lock``, so
   the trainer and a ``models promote`` never lose each other's update;
 - a version directory is complete before the manifest names it (it is moved into
-  ``versions/`` with one rename), and it is never modified afterwards;
+  ``versions/`` with one rename), and it is never modified afterwards, save one addition:
+  a store kept for int8 serving (``int8=True``) gives every version its int8 body
+  (:func:`~stream_classifier.model.int8.ensure_artifact`) before it is installed, and
+  adds it whole (one rename) to an older version that lacks it when that is promoted;
 - at most ``keep_versions`` versions are kept; the current one is never pruned.
 """
 
@@ -110,9 +113,10 @@ def check_version_name(version: str) -> str:
 class ModelStore:
     """The versions and manifest under ``root``; see the module docstring for invariants."""
 
-    def __init__(self, root: Path, keep_versions: int = 5) -> None:
+    def __init__(self, root: Path, keep_versions: int = 5, *, int8: bool = False) -> None:
         self.root = Path(root)
         self.keep_versions = keep_versions
+        self.int8 = int8  # build each version's int8 body once, here, not in every replica
 
     # ------------------------------------------------------------------ reading
     @property
@@ -153,6 +157,13 @@ class ModelStore:
         return Path(tempfile.mkdtemp(prefix=prefix, dir=staging))
 
     # ------------------------------------------------------------------ writing
+    def _ensure_int8(self, model_dir: Path) -> None:
+        """With ``int8``, give ``model_dir`` its int8 body unless it has a valid one."""
+        if self.int8:
+            from stream_classifier.model.int8 import ensure_artifact  # noqa: PLC0415 - torch, only here
+
+            ensure_artifact(model_dir)
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -197,6 +208,7 @@ class ModelStore:
                 raise ModelStoreError(f"cannot seed the model store from {model_dir}: not a directory")
             work = self.staging_dir("seed-")
             shutil.copytree(model_dir, work / "model")
+            self._ensure_int8(work / "model")
             entry = self._install(
                 work / "model",
                 version,
@@ -247,6 +259,7 @@ class ModelStore:
         feedback_offsets: dict[str, int] | None = None,
     ) -> VersionEntry:
         """Move the finished ``model_dir`` in as ``version`` and record it (current if ``promote``)."""
+        self._ensure_int8(model_dir)  # before the lock: an export takes seconds
         with self._locked():
             manifest = self.read()
             entry = self._install(
@@ -266,6 +279,8 @@ class ModelStore:
 
     def promote(self, version: str) -> VersionEntry:
         """Make ``version`` current (a rollback when it is older)."""
+        if self.int8 and self.path_of(version).is_dir():
+            self._ensure_int8(self.path_of(version))
         with self._locked():
             manifest = self.read()
             entry = manifest.entry(version)

@@ -13,7 +13,9 @@ and, written by stream-classifier in addition:
   preference because reading it cannot run code;
 - ``model_metadata.json``: :class:`ModelMetadata` (version id, base model, labels,
   training-data size and sha256, metrics, creation time, parent version, parameters);
-- ``training_examples.jsonl``: the kept training examples (capped per label).
+- ``training_examples.jsonl``: the kept training examples (capped per label);
+- ``int8/``: int8 mode's quantised body, when saved with ``int8=True`` (or added by the
+  model store): see :mod:`stream_classifier.model.int8`.
 
 Invariants:
 
@@ -52,6 +54,7 @@ from sentence_transformers import SentenceTransformer
 from stream_classifier.errors import ModelError, UnsafeModelError
 from stream_classifier.model.examples import Example, read_examples
 from stream_classifier.model.head import LinearHead, calibration_from_json, head_from_state
+from stream_classifier.model.int8 import ensure_artifact
 from stream_classifier.model.safe_pickle import CONVERT_SETFIT_HEAD_HELP, Captured, load_restricted
 from stream_classifier.ops.logs import log_event
 
@@ -99,6 +102,7 @@ class ModelBundle:
     metadata: ModelMetadata
     normalize_embeddings: bool = False
     examples: list[Example] = field(default_factory=list)
+    directory: Path | None = None  # where it was loaded from (None when trained in memory)
 
     @property
     def labels(self) -> list[str]:
@@ -329,6 +333,7 @@ def load_model(path: Path | str, *, trusted: bool = False, device: str = "cpu") 
         metadata=_read_metadata(directory, head),
         normalize_embeddings=normalize,
         examples=examples,
+        directory=directory,
     )
 
 
@@ -339,8 +344,9 @@ def _write_examples(examples: list[Example], path: Path) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def save_model(bundle: ModelBundle, path: Path | str, *, overwrite: bool = False) -> Path:
-    """Write ``bundle`` as a setfit-compatible directory (plus safe head, metadata, examples).
+def save_model(bundle: ModelBundle, path: Path | str, *, overwrite: bool = False, int8: bool = False) -> Path:
+    """Write ``bundle`` as a setfit-compatible directory (plus safe head, metadata, examples,
+    and with ``int8`` the int8 body built from the saved body: needs the [int8] extra).
 
     The directory appears complete or not at all: it is written beside ``path`` and renamed.
     """
@@ -360,11 +366,13 @@ def save_model(bundle: ModelBundle, path: Path | str, *, overwrite: bool = False
         metadata = ModelMetadata.model_validate({**dict(bundle.metadata), "labels": labels})
         (staging / METADATA_FILE).write_text(metadata.model_dump_json(indent=2), encoding="utf-8")
         _write_examples(bundle.examples, staging / EXAMPLES_FILE)
+        if int8:
+            ensure_artifact(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log_event(log, "model_saved", path=str(target), version=bundle.version, labels=labels)
+    log_event(log, "model_saved", path=str(target), version=bundle.version, labels=labels, int8=int8)
     return target
