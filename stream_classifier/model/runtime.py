@@ -277,7 +277,7 @@ class ModelRuntime:
             raise ModelError("int8 quantisation computes in fp32 around int8 weights: use precision fp32")
         sample = self.prepare(["an int8 export sample", "a second, longer sample for the export"])
         threads = torch.get_num_threads()
-        body = Int8Body.from_body(bundle.body.eval(), sample.chunks[0].features, threads=threads)
+        body = Int8Body.load(bundle.body.eval(), bundle.directory, sample.chunks[0].features, threads=threads)
         normalize, head = bundle.normalize_embeddings, bundle.head
 
         def embed(features: dict[str, torch.Tensor]) -> NDArray[np.float32]:
