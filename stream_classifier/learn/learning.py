@@ -32,7 +32,9 @@ def require_store(settings: Settings) -> ModelStore:
             "setting 'retrain.model_store' (env STREAM_CLASSIFIER_RETRAIN__MODEL_STORE) is required for "
             "retraining and model updates: a directory (or shared volume) for the model versions"
         )
-    return ModelStore(settings.retrain.model_store, settings.retrain.keep_versions)
+    return ModelStore(
+        settings.retrain.model_store, settings.retrain.keep_versions, int8=settings.model.quantize == "int8"
+    )
 
 
 class Learning:

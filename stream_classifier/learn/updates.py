@@ -88,7 +88,7 @@ def resolve_serving_model(settings: Settings) -> Path:
                 "directory to serve (or set retrain.model_store to serve the store's current version)"
             )
         return Path(settings.model.path)
-    store = ModelStore(root, settings.retrain.keep_versions)
+    store = ModelStore(root, settings.retrain.keep_versions, int8=settings.model.quantize == "int8")
     if not store.exists():
         if settings.model.path is None:
             raise ConfigError(
