@@ -158,11 +158,13 @@ class ModelStore:
 
     # ------------------------------------------------------------------ writing
     def _ensure_int8(self, model_dir: Path) -> None:
-        """With ``int8``, give ``model_dir`` its int8 body unless it has a valid one."""
+        """With ``int8``, give ``model_dir`` its int8 body unless it has a valid one (the export's
+        torch work on a passing thread: the trainer's thread lives on, and so would its CPU pool)."""
         if self.int8:
             from stream_classifier.model.int8 import ensure_artifact  # noqa: PLC0415 - torch, only here
+            from stream_classifier.model.runtime import on_a_passing_thread  # noqa: PLC0415
 
-            ensure_artifact(model_dir)
+            on_a_passing_thread(lambda: ensure_artifact(model_dir))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
