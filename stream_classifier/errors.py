@@ -70,3 +70,14 @@ class BrokerUnavailableError(StreamClassifierError):
 
     The service retries these with backoff and never exits on them.
     """
+
+
+class DeviceFailedError(StreamClassifierError):
+    """The accelerator failed in a way that leaves its context unusable (a device-side assert,
+    an illegal memory access): every later call on it would fail the same way.
+
+    Not a message's fault and not retryable in this process: the service stops with a
+    non-zero exit, so that the supervisor restarts it with a fresh device context.
+    """
+
+    exit_code = 3

@@ -4,8 +4,8 @@ Two steps, so that the caller can overlap them:
 
 - :meth:`ModelRuntime.prepare` (CPU only, no model state, safe in another thread)
   tokenises with the body's fast tokenizer, truncating to the maximum sequence length,
-  sorts the texts by token length and groups them into chunks whose padded size
-  (rows x longest row) stays within the token budget; on the CPU, where padding costs as
+  sorts the texts by token length and groups them into chunks (:mod:`.chunks`) whose padded
+  size (rows x longest row) stays within the token budget; on the CPU, where padding costs as
   much as real tokens, a chunk also ends where a longer row would pad the rows before it by
   more than a forward pass costs (:data:`CPU_PASS_COST_TOKENS`);
 - :meth:`ModelRuntime.infer` runs body + head on each chunk under
@@ -16,11 +16,27 @@ Invariants:
 
 - body and head live on one device; the head computes in float32 whatever the body's
   precision (float64 in int8 mode's numpy head);
-- CUDA out-of-memory on a chunk is the batch's size, not the messages' fault: the chunk is
-  halved and retried (recursively) after emptying the cache; only a single text that does
-  not fit re-raises ``torch.cuda.OutOfMemoryError`` (a capacity problem, never a bad message);
-- precision ``auto`` is fp16 autocast on CUDA and fp32 on the CPU; ``bf16`` needs bf16
-  support on the chosen CUDA device (always available on the CPU);
+- a batch's chunk results stay on the device until its last chunk is queued, then come back
+  in one copy: one host synchronisation per batch, so the pinned, non-blocking input copies
+  overlap the passes before them;
+- CUDA out-of-memory on a chunk is the batch's size, not the messages' fault: the handler is
+  left first (the exception and its traceback, which hold the failed pass's frames and their
+  activations, are dropped), the cache emptied, then the chunk halved and retried; only a
+  single text that does not fit re-raises ``torch.cuda.OutOfMemoryError`` (a capacity
+  problem, never a bad message);
+- under fp16/bf16 autocast, rows that come out non-finite (an fp16 overflow) are computed
+  again in fp32; rows still non-finite are returned as they are (the compute worker fails
+  them, never publishes them);
+- a device-side CUDA error that leaves the context unusable (device assert, illegal memory
+  access: :func:`~.accelerator.is_device_failure`) is raised as
+  :class:`~stream_classifier.errors.DeviceFailedError`, which stops the service;
+- the maximum sequence length fits the body's position embeddings (checked at load);
+- precision ``auto`` is fp32 on the CPU and, on CUDA, bf16 where the device computes it
+  natively (compute capability >= 8.0), else fp16; explicit ``bf16`` on CUDA needs native
+  support too (always available on the CPU);
+- the per-chunk computations capture the body and head, never the runtime: a swapped-out
+  runtime, and with it its weights, is freed as soon as the last reference goes, without
+  waiting for a garbage-collection pass;
 - ``quantize="int8"`` (CPU only, fp32 around int8 weights) replaces the body by its ONNX
   Runtime int8 export (:mod:`stream_classifier.model.int8`); tokenising and chunking are
   unchanged, and the head computes in numpy (:meth:`LinearHead.predict_proba`): no torch
@@ -30,44 +46,66 @@ Invariants:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from stream_classifier.errors import ModelError
+from stream_classifier.errors import DeviceFailedError, ModelError
+from stream_classifier.model.accelerator import (
+    Precision,
+    cuda_auto_precision,
+    has_native_bf16,
+    is_device_failure,
+    position_limit,
+)
+from stream_classifier.model.chunks import (
+    CPU_PASS_COST_TOKENS,
+    DEFAULT_TOKEN_BUDGET,
+    Chunk,
+    PreparedBatch,
+    plan_chunks,
+)
 from stream_classifier.model.format import ModelBundle, load_model
 from stream_classifier.model.int8 import Int8Body
+from stream_classifier.model.passes import (
+    AUTOCAST_DTYPES,
+    ChunkCompute,
+    ChunkValues,
+    attempt,
+    gather,
+    int8_computations,
+    torch_computations,
+)
 from stream_classifier.model.precision import PrecisionChoice, choose_cpu_precision
 from stream_classifier.ops.logs import log_event
 
+__all__ = [
+    "CPU_PASS_COST_TOKENS",
+    "DEFAULT_TOKEN_BUDGET",
+    "Chunk",
+    "ModelRuntime",
+    "Precision",
+    "PreparedBatch",
+    "on_a_passing_thread",
+    "plan_chunks",
+    "resolve_device",
+    "resolve_precision",
+]
+
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "fp16", "bf16"]
-_AUTOCAST_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_TOKEN_BUDGET = 16_384
-# The fixed cost of one forward pass on the CPU, in tokens' worth of compute: the padding a
-# chunk may add before a new pass is cheaper. Swept on the bench's texts (docs/performance.md,
-# "Padding"): 32 was fastest at batches 64 and 128 for torch fp32 and int8 alike (16-64
-# within noise, 128 ~10-15 % slower). On CUDA a pass (its kernel launches) is the larger
-# cost, so only the token budget splits there.
-CPU_PASS_COST_TOKENS = 32
 # A fast tokenizer mutates its truncation state on each call, so concurrent calls on one tokenizer
 # (runtimes may share a body) fail with 'Already borrowed': tokenisation is serialised.
 _TOKENIZER_LOCK = threading.Lock()
 _T = TypeVar("_T")
-# What the runtime computes per chunk: padded features in, float32 rows (embeddings or
-# probabilities) out, on the host.
-ChunkCompute = Callable[[dict[str, torch.Tensor]], NDArray[np.float32]]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -89,81 +127,21 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> Precision:
-    """``auto`` -> fp16 on CUDA, fp32 on the CPU; checks bf16 support on CUDA."""
+    """``auto`` -> fp32 on the CPU, native bf16 or else fp16 on CUDA; checks bf16 on CUDA."""
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        return cuda_auto_precision(torch.cuda.get_device_capability(device))
     if precision not in ("fp32", "fp16", "bf16"):
         raise ModelError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
     if precision == "bf16" and device.type == "cuda":
-        with torch.cuda.device(device):
-            if not torch.cuda.is_bf16_supported():
-                raise ModelError(f"{device} does not support bf16: use fp16 or fp32")
-    return precision  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One forward pass: the original positions of its texts and their padded features."""
-
-    positions: NDArray[np.int64]
-    features: dict[str, torch.Tensor]
-
-    @property
-    def tokens(self) -> int:
-        ids = self.features["input_ids"]
-        return int(ids.shape[0] * ids.shape[1])
-
-    def split(self) -> tuple[Chunk, Chunk]:
-        """Two halves, each trimmed of the padding its own longest row does not need."""
-        half = len(self.positions) // 2
-        return self._slice(0, half), self._slice(half, len(self.positions))
-
-    def _slice(self, start: int, stop: int) -> Chunk:
-        mask = self.features["attention_mask"][start:stop]
-        width = int(mask.sum(dim=1).max().item()) if stop > start else 0
-        features = {key: value[start:stop, :width] for key, value in self.features.items()}
-        return Chunk(self.positions[start:stop], features)
-
-
-@dataclass(frozen=True)
-class PreparedBatch:
-    """Texts tokenised and grouped for the forward passes (see :meth:`ModelRuntime.prepare`)."""
-
-    size: int
-    chunks: list[Chunk]
-
-    @property
-    def tokens(self) -> int:
-        return sum(chunk.tokens for chunk in self.chunks)
-
-
-def plan_chunks(
-    lengths: Sequence[int], token_budget: int, pass_cost_tokens: int | None = None
-) -> list[NDArray[np.int64]]:
-    """Group positions, sorted by length, so that rows x longest row <= ``token_budget``.
-
-    With ``pass_cost_tokens``, a chunk also ends before a row whose extra length, padded onto
-    every row already in the chunk, would cost more tokens than that (a greedy bound on
-    padding). A single text longer than the budget still gets a chunk of its own.
-    """
-    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
-    chunks: list[NDArray[np.int64]] = []
-    start = 0
-    for end in range(2, len(order) + 1):
-        # Ascending lengths: the row at end-1 is the chunk's longest, end-2 its previous longest.
-        rows, longest = end - start, lengths[order[end - 1]]
-        if rows > 1 and (
-            rows * longest > token_budget
-            or (
-                pass_cost_tokens is not None
-                and (rows - 1) * (longest - lengths[order[end - 2]]) > pass_cost_tokens
+        major, minor = torch.cuda.get_device_capability(device)
+        if not has_native_bf16((major, minor)):
+            raise ModelError(
+                f"{device} (compute capability {major}.{minor}) has no native bf16 (emulated bf16 is "
+                "slower than fp32): use fp16 or fp32"
             )
-        ):
-            chunks.append(order[start : end - 1])
-            start = end - 1
-    if start < len(order):
-        chunks.append(order[start:])
-    return chunks
+    return precision  # type: ignore[return-value]
 
 
 def on_a_passing_thread(work: Callable[[], _T]) -> _T:
@@ -194,6 +172,18 @@ def on_a_passing_thread(work: Callable[[], _T]) -> _T:
     return outcome[0]
 
 
+def _cut_model_card_cycle(body: Any) -> None:
+    """Drop the back-reference from sentence-transformers' model card to its model.
+
+    The body holds its card and the card its body: a cycle that keeps the weights (on the GPU
+    too) until a full garbage-collection pass. The card's reference is only read to write a
+    model card, which this project never does (``create_model_card=False``).
+    """
+    card = getattr(body, "model_card_data", None)
+    if card is not None and getattr(card, "model", None) is body:
+        card.model = None
+
+
 class ModelRuntime:
     """A loaded model ready for inference; see the module docstring for the invariants."""
 
@@ -212,13 +202,20 @@ class ModelRuntime:
         self.bundle = bundle
         self.device = resolve_device(device)
         self.precision: Precision = resolve_precision(precision, self.device)
-        self.token_budget = token_budget
-        self.quantize = quantize
         self.requested_precision = precision
         # The CPU's precision is settled at warm-up (model/precision.py); until then auto is fp32.
         self.precision_choice: PrecisionChoice | None = None
+        self.token_budget = token_budget
+        self.quantize = quantize
         body_max = bundle.body.max_seq_length or 512
         self.max_seq_length = min(max_seq_length, body_max) if max_seq_length else body_max
+        positions = position_limit(bundle.body)
+        if positions is not None and self.max_seq_length > positions:
+            raise ModelError(
+                f"the maximum sequence length {self.max_seq_length} is longer than the body's "
+                f"{positions} position embeddings (longer inputs would index past them: a "
+                f"device-side assert on CUDA): set model.max_seq_length to {positions} or less"
+            )
         tokenizer = bundle.body.tokenizer
         if not getattr(tokenizer, "is_fast", False):
             raise ModelError("the body's tokenizer is not a fast (Rust) tokenizer; convert the model first")
@@ -267,8 +264,11 @@ class ModelRuntime:
 
     def _place(self, bundle: ModelBundle, quantize: str) -> tuple[ChunkCompute, ChunkCompute]:
         """The per-chunk embedding and probability computations for ``quantize``."""
+        _cut_model_card_cycle(bundle.body)
         if quantize == "none":
-            return self._place_torch(bundle)
+            body = bundle.body.eval().to(self.device)
+            head = bundle.head.to_torch(self.device).eval()
+            return torch_computations(body, head, self.device, bundle.normalize_embeddings)
         if quantize != "int8":
             raise ModelError(f"unknown quantize mode {quantize!r}: use none or int8")
         if self.device.type != "cpu":
@@ -277,41 +277,8 @@ class ModelRuntime:
             raise ModelError("int8 quantisation computes in fp32 around int8 weights: use precision fp32")
         sample = self.prepare(["an int8 export sample", "a second, longer sample for the export"])
         threads = torch.get_num_threads()
-        body = Int8Body.load(bundle.body.eval(), bundle.directory, sample.chunks[0].features, threads=threads)
-        normalize, head = bundle.normalize_embeddings, bundle.head
-
-        def embed(features: dict[str, torch.Tensor]) -> NDArray[np.float32]:
-            embeddings = body(features)
-            if normalize:  # as torch.nn.functional.normalize: x / max(||x||, 1e-12)
-                norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-                embeddings = embeddings / np.maximum(norms, 1e-12)
-            return embeddings
-
-        def classify(features: dict[str, torch.Tensor]) -> NDArray[np.float32]:
-            return head.predict_proba(embed(features)).astype(np.float32)
-
-        return embed, classify
-
-    def _place_torch(self, bundle: ModelBundle) -> tuple[ChunkCompute, ChunkCompute]:
-        body = bundle.body.eval().to(self.device)
-        head = bundle.head.to_torch(self.device).eval()
-
-        def embed_on_device(features: dict[str, torch.Tensor]) -> torch.Tensor:
-            on_device = {key: value.to(self.device, non_blocking=True) for key, value in features.items()}
-            with self._autocast():
-                embeddings: torch.Tensor = body(on_device)["sentence_embedding"]
-            embeddings = embeddings.float()
-            if bundle.normalize_embeddings:
-                embeddings = torch.nn.functional.normalize(embeddings, p=2, dim=1)
-            return embeddings
-
-        def embed(features: dict[str, torch.Tensor]) -> NDArray[np.float32]:
-            return _host(embed_on_device(features))
-
-        def classify(features: dict[str, torch.Tensor]) -> NDArray[np.float32]:
-            return _host(head(embed_on_device(features)))
-
-        return embed, classify
+        int8 = Int8Body.load(bundle.body.eval(), bundle.directory, sample.chunks[0].features, threads=threads)
+        return int8_computations(int8, bundle.head, bundle.normalize_embeddings)
 
     # ------------------------------------------------------------------ properties
 
@@ -385,50 +352,71 @@ class ModelRuntime:
         """Sentence embeddings ``(n, d)`` as the head sees them (normalised if the model says so)."""
         return self._run(self.prepare(texts), self._embed, self.bundle.head.dim)
 
-    def warmup(self) -> None:
-        """One small forward pass of short and long texts (allocators, kernels, autotuning);
-        on the CPU with a torch body, first the precision is settled (and logged) once."""
+    def warmup(self, *, full: bool | None = None) -> None:
+        """A short and a longest text; with ``full`` (default: on CUDA) also one pass of the
+        token budget's shape (rows x max_seq_length), the largest a batch can make, so the
+        allocator and the kernels (autotuning included) have seen it before traffic does.
+        On the CPU with a torch body, first the precision is settled (and logged) once."""
         if self.precision_choice is None and self.device.type == "cpu" and self.quantize == "none":
             self.precision_choice = choose_cpu_precision(self, self.requested_precision)
             self.precision = self.precision_choice.precision  # type: ignore[assignment]
-        self.predict_proba(["warm up", "warm up " * max(1, self.max_seq_length // 4)])
+        longest = "warm up " * self.max_seq_length  # truncated to max_seq_length tokens
+        self.predict_proba(["warm up", longest])
+        if full if full is not None else self.device.type == "cuda":
+            self.predict_proba([longest] * max(1, self.token_budget // self.max_seq_length))
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
-
-    def _run(
-        self,
-        prepared: PreparedBatch,
-        compute: ChunkCompute,
-        width: int,
-    ) -> NDArray[np.float32]:
+    def _run(self, prepared: PreparedBatch, compute: ChunkCompute, width: int) -> NDArray[np.float32]:
         output = np.empty((prepared.size, width), dtype=np.float32)
-        with torch.inference_mode():
-            for chunk in prepared.chunks:
-                for piece, values in self._compute_splitting(chunk, compute):
-                    output[piece.positions] = values
+        autocast = AUTOCAST_DTYPES.get(self.precision)
+        try:
+            with torch.inference_mode():
+                pieces = [
+                    p for chunk in prepared.chunks for p in self._compute_splitting(chunk, compute, autocast)
+                ]
+                gather(pieces, output)
+                bad = np.asarray(~np.isfinite(output).all(axis=1), dtype=bool)
+                if autocast is not None and bad.any():
+                    log_event(
+                        log,
+                        "inference_fp32_recompute",
+                        logging.WARNING,
+                        rows=int(bad.sum()),
+                        precision=self.precision,
+                    )
+                    again = [chunk.select(np.flatnonzero(bad[chunk.positions])) for chunk in prepared.chunks]
+                    pieces = [
+                        p
+                        for chunk in again
+                        if len(chunk.positions)
+                        for p in self._compute_splitting(chunk, compute, None)
+                    ]
+                    gather(pieces, output)
+        except RuntimeError as exc:
+            if is_device_failure(exc):
+                raise DeviceFailedError(
+                    f"the {self.device} device failed and its context is unusable ({str(exc)[:300]}): "
+                    "the process stops so that it restarts with a fresh one; if this repeats, check the "
+                    "GPU's health (nvidia-smi, the kernel log's Xid errors) and the model's inputs"
+                ) from exc
+            raise
         return output
 
     def _compute_splitting(
-        self, chunk: Chunk, compute: ChunkCompute
-    ) -> Iterator[tuple[Chunk, NDArray[np.float32]]]:
-        try:
-            values = compute(chunk.features)
-        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError in torch >= 2.5
-            if len(chunk.positions) == 1:
-                raise
+        self, chunk: Chunk, compute: ChunkCompute, autocast: torch.dtype | None
+    ) -> Iterator[tuple[Chunk, ChunkValues]]:
+        """``chunk``'s values, halving pieces that run out of memory (see the module docstring)."""
+        pending = [chunk]
+        while pending:
+            piece = pending.pop()
+            values = attempt(compute, piece, autocast)
+            if values is not None:
+                yield piece, values
+                continue
+            # Outside the handler: the failed pass's frames, and the activations they held, are gone.
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            rows = len(chunk.positions)
-            log_event(log, "inference_oom_split", level=logging.WARNING, rows=rows, tokens=chunk.tokens)
-            for half in chunk.split():
-                yield from self._compute_splitting(half, compute)
-            return
-        yield chunk, values
-
-
-def _host(values: torch.Tensor) -> NDArray[np.float32]:
-    result: NDArray[np.float32] = values.float().cpu().numpy()
-    return result
+            log_event(
+                log, "inference_oom_split", logging.WARNING, rows=len(piece.positions), tokens=piece.tokens
+            )
+            first, second = piece.split()
+            pending += [second, first]

@@ -9,8 +9,10 @@ probabilities stay within ``AMP_TOLERANCE`` (absolute) of fp32; int8 mode within
 from __future__ import annotations
 
 import dataclasses
+import gc
 import sys
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_classifier.config import Settings
-from stream_classifier.errors import ModelError
+from stream_classifier.errors import DeviceFailedError, ModelError
 from stream_classifier.learn.updates import load_runtime
+from stream_classifier.model import runtime as runtime_module
+from stream_classifier.model.accelerator import cuda_auto_precision, is_device_failure, position_limit
 from stream_classifier.model.format import load_model
 from stream_classifier.model.runtime import (
     ModelRuntime,
@@ -109,12 +113,12 @@ def test_cuda_oom_splits_the_batch_and_retries(
     real = tiny_runtime._classify
     calls: list[int] = []
 
-    def oom_above_two_rows(features: dict[str, torch.Tensor]) -> np.ndarray:
+    def oom_above_two_rows(features: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
         rows = features["input_ids"].shape[0]
         calls.append(rows)
         if rows > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(features)
+        return real(features, autocast)
 
     monkeypatch.setattr(tiny_runtime, "_classify", oom_above_two_rows)
     np.testing.assert_allclose(tiny_runtime.predict_proba(TEXTS), expected, atol=1e-6)
@@ -125,7 +129,7 @@ def test_cuda_oom_splits_the_batch_and_retries(
 def test_oom_on_a_single_text_is_raised_not_swallowed(
     tiny_runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def always_oom(features: dict[str, torch.Tensor]) -> np.ndarray:
+    def always_oom(features: dict[str, torch.Tensor], autocast: torch.dtype | None) -> np.ndarray:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(tiny_runtime, "_classify", always_oom)
@@ -256,3 +260,236 @@ def test_serving_loads_and_warms_the_model_on_a_passing_thread(
     runtime = load_runtime(settings, tiny_model_dir)
     assert runtime.labels == ["billing", "shipping", "tech"]
     assert threads and threads[0] is not threading.current_thread() and not threads[0].is_alive()
+
+
+@pytest.fixture
+def no_gc() -> object:
+    """The garbage collector off: what is freed is freed by reference counting alone."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+def test_oom_halves_run_after_the_failed_pass_is_freed(
+    tiny_runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch, no_gc: object
+) -> None:
+    # The handler is left before the halves run: the exception's traceback no longer holds the
+    # failed pass's frames, nor the (device) memory their locals point to (PyTorch FAQ, "My out
+    # of memory exception handler can't allocate memory").
+    expected = tiny_runtime.predict_proba(TEXTS)
+    real = tiny_runtime._classify
+    failed_passes: list[weakref.ref[torch.Tensor]] = []
+    alive_when_retrying: list[int] = []
+
+    def oom_above_two_rows(features: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
+        rows = features["input_ids"].shape[0]
+        if rows > 2:
+            activations = torch.empty(rows, 4096)  # what the failed pass allocated
+            failed_passes.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        alive_when_retrying.append(sum(ref() is not None for ref in failed_passes))
+        return real(features, autocast)
+
+    monkeypatch.setattr(tiny_runtime, "_classify", oom_above_two_rows)
+    np.testing.assert_allclose(tiny_runtime.predict_proba(TEXTS), expected, atol=1e-6)
+    assert failed_passes and alive_when_retrying
+    assert alive_when_retrying == [0] * len(alive_when_retrying)
+
+
+def test_a_dropped_runtime_is_freed_without_the_garbage_collector(
+    tiny_model_dir: Path, no_gc: object
+) -> None:
+    # A swapped-out model's weights go with its last reference, not at the next full gc pass.
+    runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32")
+    runtime.predict_proba(TEXTS)
+    runtime.embed(TEXTS)
+    refs = [weakref.ref(runtime), weakref.ref(runtime.bundle.body), weakref.ref(runtime._classify)]
+    del runtime
+    assert [ref() for ref in refs] == [None, None, None]
+
+
+def test_one_device_to_host_copy_per_batch(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Chunk results stay on the device; the batch comes back in one copy (one sync per batch).
+    runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32", token_budget=24)
+    prepared = runtime.prepare(TEXTS)
+    assert len(prepared.chunks) > 3
+    returned: list[type] = []
+    real = runtime._classify
+
+    def recording(features: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
+        values = real(features, autocast)
+        returned.append(type(values))
+        return values  # type: ignore[return-value]
+
+    gathers: list[int] = []
+    real_gather = runtime_module.gather
+
+    def counting_gather(pieces: list, output: np.ndarray) -> None:  # type: ignore[type-arg]
+        gathers.append(len(pieces))
+        real_gather(pieces, output)
+
+    monkeypatch.setattr(runtime, "_classify", recording)
+    monkeypatch.setattr(runtime_module, "gather", counting_gather)
+    runtime.infer(prepared)
+    assert set(returned) == {torch.Tensor} and gathers == [len(prepared.chunks)]
+
+
+def test_non_finite_amp_rows_are_computed_again_in_fp32(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fp32 = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32").predict_proba(TEXTS)
+    runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp16")
+    real = runtime._classify
+    precise_rows: list[int] = []
+
+    def fp16_overflows_first_row(
+        features: dict[str, torch.Tensor], autocast: torch.dtype | None
+    ) -> torch.Tensor:
+        values: torch.Tensor = real(features, autocast)  # type: ignore[assignment]
+        if autocast is None:
+            precise_rows.append(values.shape[0])
+            return values
+        assert autocast == torch.float16
+        values = values.clone()
+        values[0] = float("nan")  # as an fp16 overflow makes it
+        return values
+
+    monkeypatch.setattr(runtime, "_classify", fp16_overflows_first_row)
+    prepared = runtime.prepare(TEXTS)
+    got = runtime.infer(prepared)
+    firsts = [int(chunk.positions[0]) for chunk in prepared.chunks]
+    assert np.isfinite(got).all()
+    assert sum(precise_rows) == len(firsts)  # only the bad rows ran again
+    np.testing.assert_allclose(got[firsts], fp32[firsts], atol=1e-6)
+
+
+def test_rows_non_finite_in_fp32_too_are_returned_for_the_worker_to_fail(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="bf16")
+    real = runtime._classify
+
+    def always_nan_first_row(features: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
+        values = real(features, autocast).clone()  # type: ignore[union-attr]
+        values[0] = float("nan")
+        return values
+
+    monkeypatch.setattr(runtime, "_classify", always_nan_first_row)
+    got = runtime.predict_proba(TEXTS)
+    assert 0 < (~np.isfinite(got).all(axis=1)).sum() < len(TEXTS)
+
+
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [
+        ((6, 1), "fp16"),
+        ((7, 0), "fp16"),
+        ((7, 5), "fp16"),
+        ((8, 0), "bf16"),
+        ((8, 9), "bf16"),
+        ((9, 0), "bf16"),
+        ((10, 0), "bf16"),
+    ],
+)
+def test_auto_precision_on_cuda_is_bf16_only_where_native(
+    capability: tuple[int, int], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cuda_auto_precision(capability) == expected
+    # is_bf16_supported() says yes for emulated bf16 too: the capability decides, not it.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    if expected == "fp16":
+        with pytest.raises(ModelError, match="no native bf16"):
+            resolve_precision("bf16", torch.device("cuda"))
+    else:
+        assert resolve_precision("bf16", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp16", torch.device("cuda")) == "fp16"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously reported",
+        "CUDA error: an illegal memory access was encountered",
+        "CUDA error: unspecified launch failure",
+        "CUDA error: misaligned address",
+    ],
+)
+def test_device_side_cuda_errors_are_fatal(
+    tiny_runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch, message: str
+) -> None:
+    for error in (RuntimeError(message), torch.AcceleratorError(message)):
+        assert is_device_failure(error)
+
+    def failing(features: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
+        raise torch.AcceleratorError(message)
+
+    monkeypatch.setattr(tiny_runtime, "_classify", failing)
+    with pytest.raises(DeviceFailedError, match="restarts with a fresh one"):
+        tiny_runtime.predict_proba(["a", "b"])
+
+
+def test_other_errors_are_not_device_failures(
+    tiny_runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for error in (
+        RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"),
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        ValueError("CUDA error: device-side assert triggered"),  # not raised by torch
+    ):
+        assert not is_device_failure(error)
+
+    def failing(features: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
+        raise RuntimeError("The size of tensor a (3) must match the size of tensor b (4)")
+
+    monkeypatch.setattr(tiny_runtime, "_classify", failing)
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        tiny_runtime.predict_proba(["a", "b"])
+
+
+def test_the_sequence_length_must_fit_the_position_embeddings(tiny_model_dir: Path) -> None:
+    bundle = load_model(tiny_model_dir)
+    positions = position_limit(bundle.body)
+    assert positions == 512  # the tiny BERT's table; BERT has no padding offset
+    bundle.body.max_seq_length = 1024  # a body config that promises more than its table holds
+    with pytest.raises(
+        ModelError, match=r"longer than the body's 512 position embeddings.*max_seq_length to 512"
+    ):
+        ModelRuntime(bundle, device="cpu", max_seq_length=600)
+    with pytest.raises(ModelError, match="position embeddings"):
+        ModelRuntime(bundle, device="cpu")
+    assert ModelRuntime(bundle, device="cpu", max_seq_length=512).max_seq_length == 512
+
+
+def test_position_limit_counts_a_roberta_style_padding_offset() -> None:
+    class Embeddings(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.position_embeddings = torch.nn.Embedding(514, 8, padding_idx=1)
+
+    assert position_limit(torch.nn.Sequential(Embeddings())) == 512
+    assert position_limit(torch.nn.Linear(2, 2)) is None
+
+
+def test_full_warmup_reaches_the_token_budget_shape(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = ModelRuntime.load(
+        tiny_model_dir, device="cpu", precision="fp32", token_budget=64, max_seq_length=16
+    )
+    shapes: list[tuple[int, int]] = []
+    real = runtime._classify
+
+    def recording(features: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
+        shapes.append(tuple(features["input_ids"].shape))  # type: ignore[arg-type]
+        return real(features, autocast)  # type: ignore[return-value]
+
+    monkeypatch.setattr(runtime, "_classify", recording)
+    runtime.warmup(full=False)
+    assert max(rows * width for rows, width in shapes) <= 2 * 16
+    assert max(width for _, width in shapes) == 16  # the longest text reaches max_seq_length
+    shapes.clear()
+    runtime.warmup(full=True)
+    assert (4, 16) in shapes  # 64 tokens' budget / 16 = 4 rows of the longest length
