@@ -13,10 +13,19 @@ Invariants:
   fails and a known-good canary text fails too, or the failure is out of memory, or the
   model returns no finite probability at all, the runtime is at fault: the result is marked
   ``broken`` and no message is blamed for it.
+- **A failed device is fatal.** :class:`~stream_classifier.errors.DeviceFailedError` (a
+  device-side CUDA error: the context is unusable) is raised to the I/O thread, which stops
+  the service non-zero; every later batch gets the same error without touching the model.
+- **Failures are handled outside their ``except`` clause.** A failure is reduced to its
+  description before anything else runs (the one-by-one retries, the canary), so its
+  traceback, and the failed pass's frames and device memory, are freed first.
+- **Nothing keeps a swapped-out model alive.** Once its last batch is done, the worker holds
+  no job, result or reference to it (tested with the garbage collector off).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -27,6 +36,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
+from stream_classifier.errors import DeviceFailedError
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.classifier import Classifier
@@ -34,6 +44,7 @@ from stream_classifier.stream.classifier import Classifier
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_V = TypeVar("_V")
 _CANARY_TEXT = "hello"
 _REASON_CHARS = 200
 
@@ -66,6 +77,27 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:_REASON_CHARS]}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """What is kept of a failed model call: its description, never the exception itself."""
+
+    reason: str
+    out_of_memory: bool
+
+
+def _attempt(work: Callable[[], _V]) -> _V | _Failure:
+    """``work()``, or its failure's description; a failed device propagates.
+
+    Returning from here drops the exception, its traceback and the frames it holds.
+    """
+    try:
+        return work()
+    except DeviceFailedError:
+        raise
+    except Exception as exc:
+        return _Failure(_describe(exc), is_out_of_memory(exc))
+
+
 class ComputeWorker(Generic[T]):
     """Runs batches on its own thread; see the module docstring for the invariants."""
 
@@ -87,6 +119,7 @@ class ComputeWorker(Generic[T]):
         self.outstanding = 0  # batches submitted and not yet taken back (the I/O thread's count)
         self._thread = threading.Thread(target=self._loop, name="stream-compute", daemon=True)
         self._on_swap = on_swap  # called with (old, new) on the compute thread, after a swap
+        self._device_failed: DeviceFailedError | None = None  # set once; every later job gets it
 
     @property
     def classifier(self) -> Classifier:
@@ -150,9 +183,18 @@ class ComputeWorker(Generic[T]):
             if job is None:
                 return
             try:
+                if self._device_failed is not None:
+                    raise self._device_failed
                 self._results.put(self._run(job))
+            except DeviceFailedError as exc:
+                if self._device_failed is None:
+                    log_event(logger, "device_failed", logging.CRITICAL, error=_describe(exc))
+                self._device_failed = exc
+                self._results.put(exc)
             except BaseException as exc:  # a bug: hand it to the I/O thread, which raises it
                 self._results.put(exc)
+            # While waiting for the next job, hold nothing of this one (its model may be swapped out).
+            del job
 
     def _current(self) -> Classifier:
         with self._swap_lock:
@@ -167,18 +209,19 @@ class ComputeWorker(Generic[T]):
         classifier = self._current()
         texts = job.texts
         started = time.perf_counter()
-        try:
-            prepared = job.prepared if job.classifier is classifier and job.prepared is not None else None
-            probabilities = classifier.infer(prepared if prepared is not None else classifier.prepare(texts))
-            result = Result(job.items, classifier, probabilities)
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                result = self._broken(job, classifier, exc)
-            else:
-                log_event(
-                    logger, "batch_inference_failed", logging.WARNING, error=repr(exc), batch=len(texts)
-                )
-                result = self._one_by_one(job, classifier)
+        prepared = job.prepared if job.classifier is classifier and job.prepared is not None else None
+        outcome = _attempt(
+            lambda: classifier.infer(prepared if prepared is not None else classifier.prepare(texts))
+        )
+        if not isinstance(outcome, _Failure):
+            result = Result(job.items, classifier, outcome)
+        elif outcome.out_of_memory:
+            result = self._broken(job, classifier, outcome.reason)
+        else:
+            log_event(
+                logger, "batch_inference_failed", logging.WARNING, error=outcome.reason, batch=len(texts)
+            )
+            result = self._one_by_one(job, classifier)
         if result.broken is None:
             result = self._checked(result)
         self._metrics.inference_seconds.observe(time.perf_counter() - started)
@@ -190,12 +233,13 @@ class ComputeWorker(Generic[T]):
         probabilities = np.zeros((len(job.texts), len(classifier.labels)), dtype=np.float32)
         failed: dict[int, str] = {}
         for index, text in enumerate(job.texts):
-            try:
-                probabilities[index] = classifier.predict_proba([text])[0]
-            except Exception as exc:
-                if is_out_of_memory(exc):
-                    return self._broken(job, classifier, exc)
-                failed[index] = f"inference failed: {_describe(exc)}"
+            outcome = _attempt(functools.partial(classifier.predict_proba, [text]))
+            if not isinstance(outcome, _Failure):
+                probabilities[index] = outcome[0]
+            elif outcome.out_of_memory:
+                return self._broken(job, classifier, outcome.reason)
+            else:
+                failed[index] = f"inference failed: {outcome.reason}"
         if len(failed) == len(job.texts):
             canary = self._canary_error(classifier)
             if canary is not None:
@@ -217,16 +261,14 @@ class ComputeWorker(Generic[T]):
         return Result(result.items, result.classifier, result.probabilities, failed)
 
     @staticmethod
-    def _canary_error(classifier: Classifier) -> BaseException | str | None:
+    def _canary_error(classifier: Classifier) -> str | None:
         """Why the runtime cannot classify a known-good text, or None when it can."""
-        try:
-            row = classifier.predict_proba([_CANARY_TEXT])
-        except Exception as exc:
-            return exc
+        row = _attempt(lambda: classifier.predict_proba([_CANARY_TEXT]))
+        if isinstance(row, _Failure):
+            return row.reason
         return None if np.isfinite(row).all() else "the model returns non-finite probabilities"
 
-    def _broken(self, job: Job[T], classifier: Classifier, error: BaseException | str) -> Result[T]:
-        reason = _describe(error) if isinstance(error, BaseException) else error
+    def _broken(self, job: Job[T], classifier: Classifier, reason: str) -> Result[T]:
         return self._broken_result(job.items, classifier, reason)
 
     @staticmethod
