@@ -31,6 +31,7 @@ from stream_classifier.bench.stages import (
     stage_precision,
     stage_setfit,
 )
+from stream_classifier.model.precision import REPORTED_FLAGS, read_cpu_flags
 from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread, resolve_device
 from stream_classifier.transport.kafka_python import crc32c_implementation
 
@@ -48,6 +49,8 @@ def _machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "cpu_features": sorted(set(REPORTED_FLAGS) & read_cpu_flags()),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -90,7 +93,7 @@ def run_bench(options: BenchOptions, out: TextIO) -> Results:
     )
     min_s = 1.0 if options.quick else 3.0
     batch_sizes = options.batch_sizes or ((32, 128, 256, 512) if on_gpu else (1, 16, 32, 64, 128))
-    variants = options.precisions or (("fp32", "fp16", "bf16") if on_gpu else ("fp32", "int8"))
+    variants = options.precisions or (("fp32", "fp16", "bf16") if on_gpu else ("fp32", "bf16", "int8"))
     results = Results(path=options.output)
     with tempfile.TemporaryDirectory(prefix="stream-classifier-bench-") as tmp:
         model_dir, described = on_a_passing_thread(lambda: prepare_model(options, Path(tmp)))
@@ -236,7 +239,9 @@ def format_table(results: Results) -> str:
     for name, value in results.stages.items():
         if name == "precision":
             for variant, v in value.items():
-                if isinstance(v, dict):
+                if variant == "auto" and isinstance(v, dict):
+                    rows.append(("auto picks", str(v.get("precision")), str(v.get("reason"))))
+                elif isinstance(v, dict):
                     detail = ", ".join(
                         f"{k}={v[k]}" for k in ("accuracy", "max_prob_diff_vs_fp32", "skipped") if k in v
                     )

@@ -19,6 +19,7 @@ import numpy as np
 
 from stream_classifier.bench.options import BenchOptions
 from stream_classifier.model.format import save_model
+from stream_classifier.model.precision import choose_cpu_precision
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.model.training import TrainingConfig, train_model
 from stream_classifier.samples import build_random_body, require_offline_minilm, sample_examples
@@ -131,6 +132,8 @@ def stage_precision(
 
     runtimes: dict[str, Any] = {"fp32": reference}
     out: dict[str, Any] = {"fp32": {"accuracy": accuracy(reference)}}
+    if reference.device.type == "cpu":  # what precision auto picks here, with its probe's figures
+        out["auto"] = choose_cpu_precision(reference, "auto").as_fields()
     for variant in variants:
         if variant == "fp32":
             continue
