@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from stream_classifier.config.base import Section, StrList, split_list
 
@@ -152,7 +152,23 @@ class RetrainSettings(Section):
     max_memory_mb: int | None = Field(
         default=None,
         ge=64,
-        description="Address-space cap of the training child (CPU only; a run over it fails cleanly).",
+        description=(
+            "Address-space cap of the training child (CPU only: CUDA cannot run under it; on CUDA use "
+            "'retrain.gpu_memory_fraction'); a run over it fails cleanly."
+        ),
+    )
+    device: str | None = Field(
+        default=None,
+        description="Device of the training child: 'auto', 'cpu', 'cuda' or 'cuda:N'; unset: 'model.device'.",
+    )
+    gpu_memory_fraction: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description=(
+            "Share of the GPU's memory the training child may allocate on CUDA "
+            "(torch.cuda.set_per_process_memory_fraction), so that it leaves the serving model room."
+        ),
     )
     events_topic: str | None = Field(
         default=None, description="Topic that also receives one JSON record per run (runs are always logged)."
@@ -168,6 +184,25 @@ class RetrainSettings(Section):
             "Bearer token for POST /retrain from non-loopback clients; unset or blank: loopback only."
         ),
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        if value is None or value in {"auto", "cpu", "cuda"}:
+            return value
+        if value.startswith("cuda:") and value[5:].isdigit():
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N (or unset: model.device)")
+
+    @model_validator(mode="after")
+    def _no_address_space_cap_on_cuda(self) -> RetrainSettings:
+        if self.max_memory_mb is not None and (self.device or "").startswith("cuda"):
+            raise ValueError(
+                "retrain.max_memory_mb caps the address space (RLIMIT_AS), which CUDA cannot run under: "
+                "unset it and cap the child's GPU memory with retrain.gpu_memory_fraction, or train on "
+                "retrain.device=cpu"
+            )
+        return self
 
 
 class ActiveLearningSettings(Section):
