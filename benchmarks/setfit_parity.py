@@ -162,12 +162,15 @@ def worker(impl: str, base: str) -> None:
 
 
 class _Worker:
-    def __init__(self, impl: str, python: str, base: str, log: Path) -> None:
+    """One side's long-lived ``SCRIPT worker --impl IMPL`` process (benchmarks/accuracy.py
+    starts its own workers with this too)."""
+
+    def __init__(self, impl: str, python: str, base: str, log: Path, script: str = __file__) -> None:
         self.impl = impl
         self._log = log.open("a", encoding="utf-8")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO))
         self._process = subprocess.Popen(
-            [python, __file__, "worker", "--impl", impl, "--base-model", base],
+            [python, script, "worker", "--impl", impl, "--base-model", base],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
@@ -193,7 +196,7 @@ class _Worker:
     def close(self) -> None:
         if self._process.stdin is not None:
             self._process.stdin.close()
-        self._process.wait(timeout=60)
+        self._process.wait(timeout=120)
         self._log.close()
 
 
