@@ -22,10 +22,11 @@ Two stages, as in setfit:
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,7 @@ from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from stream_classifier.errors import ModelError, TrainingError
+from stream_classifier.model.anchors import anchor_examples, zero_shot_gate
 from stream_classifier.model.examples import Example, cap_per_label, fingerprint
 from stream_classifier.model.format import (
     METADATA_FILE,
@@ -49,13 +51,14 @@ from stream_classifier.model.format import (
     new_version_id,
     utc_now_iso,
 )
+from stream_classifier.model.geometry import blend_centroid
 from stream_classifier.model.head import LinearHead
+from stream_classifier.model.pairs import ContrastivePairs, SamplingStrategy
 from stream_classifier.model.runtime import resolve_device
+from stream_classifier.model.supcon import PKSampler, supcon_loss
 from stream_classifier.ops.logs import log_event
 
 log = logging.getLogger(__name__)
-
-SamplingStrategy = Literal["oversampling", "undersampling", "unique"]
 
 
 class TrainingConfig(BaseModel):
@@ -79,9 +82,21 @@ class TrainingConfig(BaseModel):
     # Truncation for body training only (inference uses the model's own maximum).
     max_seq_length: int | None = Field(default=None, ge=8)
     # cosine: CosineSimilarityLoss (setfit's default); contrastive: sentence-transformers'
-    # ContrastiveLoss on cosine distance with ``margin``.
-    loss: Literal["cosine", "contrastive"] = "cosine"
+    # ContrastiveLoss on cosine distance with ``margin``; supcon: SupCon on P×K batches
+    # (model/supcon.py) at ``supcon_temperature``, as many steps as the pairs would take.
+    loss: Literal["cosine", "contrastive", "supcon"] = "cosine"
     margin: float = Field(default=0.5, gt=0)
+    supcon_temperature: float = Field(default=0.07, gt=0)
+    # Recipe parts (model/recipes.py names the presets; these defaults are plain setfit).
+    recipe: str = "setfit"  # the preset these settings came from, recorded in the metadata
+    drop_self_pairs: bool = False  # no (x, x) pairs (model/pairs.py)
+    fit_max_length: bool = False  # train at the texts' own 99th-percentile length if shorter
+    # Cleaned label names as extra contrastive examples: never, when the zero-shot gate
+    # passes (model/anchors.py), or always.
+    label_anchors: Literal["off", "gated", "on"] = "off"
+    # Nearest-centroid blend folded into the logistic head (model/geometry.py); 0 = none.
+    centroid_weight: float = Field(default=0.0, ge=0, le=1)
+    centroid_temperature: float = Field(default=0.1, gt=0)
     seed: int = 42
     use_amp: bool = True  # applies on CUDA only
     show_progress_bar: bool = True
@@ -89,103 +104,6 @@ class TrainingConfig(BaseModel):
     max_examples_per_label: int = Field(default=2_000, ge=1)
     # Skip body fine-tuning: embed with the base body and fit the head only.
     head_only: bool = False
-
-
-# --------------------------------------------------------------------------- pairs
-
-
-def _unrank_triangle(k: int, n: int) -> tuple[int, int]:
-    """The k-th pair ``(a, b)``, ``a <= b < n``, in row-major order of the upper triangle."""
-    # Row a starts at a*n - a*(a-1)/2; invert the quadratic, then fix rounding.
-    a = int(((2 * n + 1) - math.sqrt((2 * n + 1) ** 2 - 8 * k)) // 2)
-    while a > 0 and a * n - a * (a - 1) // 2 > k:
-        a -= 1
-    while (a + 1) * n - (a + 1) * a // 2 <= k:
-        a += 1
-    return a, a + (k - (a * n - a * (a - 1) // 2))
-
-
-class _PairSpace:
-    """A ranked space of candidate pairs with O(1)-memory random-order cycling."""
-
-    def __init__(self, blocks: list[tuple[Any, int]]) -> None:
-        self._blocks = [(key, size) for key, size in blocks if size > 0]
-        self._starts = np.cumsum([0] + [size for _, size in self._blocks])
-        self.size = int(self._starts[-1])
-
-    def locate(self, rank: int) -> tuple[Any, int]:
-        block = int(np.searchsorted(self._starts, rank, side="right")) - 1
-        return self._blocks[block][0], rank - int(self._starts[block])
-
-    def cycle(self, rng: np.random.Generator) -> Iterator[int]:
-        """Ranks forever: each pass visits every rank once, in a fresh affine permutation."""
-        while True:
-            step = int(rng.integers(1, max(2, self.size)))
-            while math.gcd(step, self.size) != 1:
-                step += 1
-            offset = int(rng.integers(0, self.size))
-            for i in range(self.size):
-                yield (offset + i * step) % self.size
-
-
-class ContrastivePairs:
-    """Lazily generated contrastive pairs; see the module docstring for the semantics."""
-
-    def __init__(
-        self,
-        examples: Sequence[Example],
-        *,
-        sampling_strategy: SamplingStrategy = "oversampling",
-        num_iterations: int | None = None,
-        seed: int = 42,
-    ) -> None:
-        self._texts = [e.text for e in examples]
-        members: dict[str, list[int]] = {}
-        for index, example in enumerate(examples):
-            members.setdefault(example.label, []).append(index)
-        if len(members) < 2:
-            raise TrainingError("training needs examples of at least two labels")
-        self._members = list(members.values())
-        sizes = [len(m) for m in self._members]
-        self._positives = _PairSpace([(i, s * (s + 1) // 2) for i, s in enumerate(sizes)])
-        self._negatives = _PairSpace(
-            [((i, j), sizes[i] * sizes[j]) for i in range(len(sizes)) for j in range(i + 1, len(sizes))]
-        )
-        self._seed = seed
-        if num_iterations:
-            self.positives = self.negatives = num_iterations * len(examples)
-        elif sampling_strategy == "unique":
-            self.positives, self.negatives = self._positives.size, self._negatives.size
-        elif sampling_strategy == "undersampling":
-            self.positives = self.negatives = min(self._positives.size, self._negatives.size)
-        else:
-            self.positives = self.negatives = max(self._positives.size, self._negatives.size)
-
-    def __len__(self) -> int:
-        return self.positives + self.negatives
-
-    def _positive(self, rank: int) -> tuple[int, int]:
-        label, k = self._positives.locate(rank)
-        group = self._members[label]
-        a, b = _unrank_triangle(k, len(group))
-        return group[a], group[b]
-
-    def _negative(self, rank: int) -> tuple[int, int]:
-        (i, j), k = self._negatives.locate(rank)
-        right = self._members[j]
-        return self._members[i][k // len(right)], right[k % len(right)]
-
-    def __iter__(self) -> Iterator[tuple[str, str, float]]:
-        rng = np.random.default_rng(self._seed)
-        positives = self._positives.cycle(rng)
-        negatives = self._negatives.cycle(rng)
-        for index in range(max(self.positives, self.negatives)):  # setfit's zip_longest
-            if index < self.positives:
-                a, b = self._positive(next(positives))
-                yield self._texts[a], self._texts[b], 1.0
-            if index < self.negatives:
-                a, b = self._negative(next(negatives))
-                yield self._texts[a], self._texts[b], 0.0
 
 
 # --------------------------------------------------------------------------- body
@@ -216,6 +134,64 @@ def pair_loss(similarity: torch.Tensor, target: torch.Tensor, config: TrainingCo
     distance = 1.0 - similarity
     hinge = torch.relu(config.margin - distance)
     return (0.5 * (target * distance.pow(2) + (1.0 - target) * hinge.pow(2))).mean()
+
+
+def _pair_batch_loss(
+    body: SentenceTransformer,
+    batch: list[tuple[str, str, float]],
+    config: TrainingConfig,
+    max_length: int,
+    device: torch.device,
+) -> torch.Tensor:
+    left = _tokenize(body, [p[0] for p in batch], max_length, device)
+    right = _tokenize(body, [p[1] for p in batch], max_length, device)
+    target = torch.tensor([p[2] for p in batch], device=device)
+    a = body(left)["sentence_embedding"]
+    b = body(right)["sentence_embedding"]
+    return pair_loss(torch.cosine_similarity(a.float(), b.float()), target, config)
+
+
+def _supcon_batch_loss(
+    body: SentenceTransformer,
+    batch: tuple[list[str], list[int]],
+    config: TrainingConfig,
+    max_length: int,
+    device: torch.device,
+) -> torch.Tensor:
+    texts, labels = batch
+    z = body(_tokenize(body, texts, max_length, device))["sentence_embedding"]
+    return supcon_loss(z, torch.tensor(labels, device=device), config.supcon_temperature)
+
+
+def _step_losses(
+    body: SentenceTransformer,
+    examples: Sequence[Example],
+    pairs: ContrastivePairs,
+    config: TrainingConfig,
+    *,
+    max_length: int,
+    device: torch.device,
+) -> Iterator[Callable[[], torch.Tensor]]:
+    """Endless per-step losses: pair batches (the pairs again from the start each epoch, as
+    setfit), or SupCon on P×K batches of ``2 * batch_size`` texts (a pair step's text budget)."""
+    if config.loss == "supcon":
+        index = {label: i for i, label in enumerate(sorted({e.label for e in examples}))}
+        for batch in PKSampler(examples, 2 * config.batch_size, config.seed):
+            texts = [examples[i].text for i in batch]
+            labels = [index[examples[i].label] for i in batch]
+            yield functools.partial(_supcon_batch_loss, body, (texts, labels), config, max_length, device)
+    while True:
+        for pair_batch in _batches(pairs, config.batch_size):
+            yield functools.partial(_pair_batch_loss, body, pair_batch, config, max_length, device)
+
+
+def fitted_max_length(body: SentenceTransformer, texts: Sequence[str], max_length: int) -> int:
+    """The training texts' 99th-percentile token count rounded up to 8 (at least 16), at most
+    ``max_length``: short texts train at a shorter maximum, long ones are unchanged."""
+    ids = body.tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    lengths = sorted(len(i) for i in ids)
+    p99 = lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))]
+    return min(max_length, max(16, -(-p99 // 8) * 8))
 
 
 def _linear_warmup_schedule(
@@ -256,6 +232,7 @@ def fine_tune_body(
         sampling_strategy=config.sampling_strategy,
         num_iterations=config.num_iterations,
         seed=config.seed,
+        drop_self_pairs=config.drop_self_pairs,
     )
     steps_per_epoch = math.ceil(len(pairs) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -263,6 +240,8 @@ def fine_tune_body(
         total_steps = min(total_steps, config.max_steps)
     body_max = int(body.max_seq_length or 512)
     max_length = min(config.max_seq_length or body_max, body_max)
+    if config.fit_max_length:
+        max_length = fitted_max_length(body, [e.text for e in examples], max_length)
     body.to(device).train()
     # The fused kernel (what the transformers Trainer under setfit picks) is ~6x faster per
     # step than the default on the CPU, where the optimiser step is a large part of a step.
@@ -279,33 +258,25 @@ def fine_tune_body(
     step = 0
     last_loss = float("nan")
     progress = tqdm(total=total_steps, desc="training", unit="step", disable=not config.show_progress_bar)
+    losses = _step_losses(body, examples, pairs, config, max_length=max_length, device=device)
     try:
         while step < total_steps:
-            for batch in _batches(pairs, config.batch_size):
-                left = _tokenize(body, [p[0] for p in batch], max_length, device)
-                right = _tokenize(body, [p[1] for p in batch], max_length, device)
-                target = torch.tensor([p[2] for p in batch], device=device)
-                with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                    a = body(left)["sentence_embedding"]
-                    b = body(right)["sentence_embedding"]
-                    similarity = torch.cosine_similarity(a.float(), b.float())
-                    loss = pair_loss(similarity, target, config)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-                if config.max_grad_norm is not None:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                    torch.nn.utils.clip_grad_norm_(body.parameters(), config.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                last_loss = float(loss.item())
-                progress.update(1)
-                progress.set_postfix(loss=f"{last_loss:.4f}")
-                if step % 50 == 0 or step == total_steps:
-                    log_event(log, "training_step", step=step, total=total_steps, loss=round(last_loss, 5))
-                if step >= total_steps:
-                    break
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                loss = next(losses)()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+            if config.max_grad_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(body.parameters(), config.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            last_loss = float(loss.item())
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}")
+            if step % 50 == 0 or step == total_steps:
+                log_event(log, "training_step", step=step, total=total_steps, loss=round(last_loss, 5))
     finally:
         progress.close()
         body.eval()
@@ -313,6 +284,7 @@ def fine_tune_body(
         "steps": step,
         "pairs": len(pairs),
         "final_loss": last_loss,
+        "max_length": max_length,
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -373,6 +345,22 @@ def _base(base: str | Path | SentenceTransformer | ModelBundle) -> _Base:
     return _Base(body, str(base), None, False)
 
 
+def _body_examples(
+    body: SentenceTransformer, examples: list[Example], config: TrainingConfig, notes: dict[str, Any]
+) -> list[Example]:
+    """The contrastive stage's examples: the training examples, plus the label anchors when
+    ``label_anchors`` is on, or gated and the base body passes the gate (noted in ``notes``)."""
+    if config.label_anchors == "off":
+        return examples
+    use = True
+    if config.label_anchors == "gated":
+        decision = zero_shot_gate(body, examples)
+        notes["anchors_gate"] = {"zero_shot_accuracy": decision.zero_shot_accuracy, "bar": decision.bar}
+        use = decision.use
+    notes["anchors"] = use
+    return examples + anchor_examples([e.label for e in examples]) if use else examples
+
+
 def train_model(
     examples: Sequence[Example],
     base: str | Path | SentenceTransformer | ModelBundle,
@@ -394,8 +382,9 @@ def train_model(
     body = start.body
     started = time.perf_counter()
     body_stats: dict[str, Any] = {"steps": 0}
+    notes: dict[str, Any] = {}
     if not config.head_only:
-        body_stats = fine_tune_body(body, examples, config, resolved)
+        body_stats = fine_tune_body(body, _body_examples(body, examples, config, notes), config, resolved)
     body.to(resolved)
     embeddings = encode(
         body,
@@ -403,7 +392,14 @@ def train_model(
         normalize=start.normalize_embeddings,
         batch_size=config.batch_size * 2,
     )
-    head = fit_head(embeddings, [e.label for e in examples], config.seed)
+    labels = [e.label for e in examples]
+    head = blend_centroid(
+        fit_head(embeddings, labels, config.seed),
+        embeddings,
+        labels,
+        config.centroid_weight,
+        config.centroid_temperature,
+    )
     body.to("cpu")
     n, sha = fingerprint(examples)
     seconds = round(time.perf_counter() - started, 3)
@@ -420,6 +416,7 @@ def train_model(
             "device": str(resolved),
             "training_seconds": seconds,
             "body": body_stats,
+            "recipe_notes": notes,
         },
     )
     return ModelBundle(

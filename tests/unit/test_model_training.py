@@ -14,12 +14,11 @@ import torch
 from stream_classifier.errors import TrainingError
 from stream_classifier.model.examples import Example
 from stream_classifier.model.format import load_model
+from stream_classifier.model.pairs import ContrastivePairs, _unrank_triangle
 from stream_classifier.model.training import (
-    ContrastivePairs,
     TrainingConfig,
     _decay_groups,
     _linear_warmup_schedule,
-    _unrank_triangle,
     fine_tune_body,
     fit_head,
     pair_loss,

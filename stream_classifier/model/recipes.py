@@ -1,0 +1,53 @@
+"""Training recipes: named presets of :class:`TrainingConfig`'s recipe parts.
+
+``setfit`` is plain SetFit (what the setfit library does, for parity checks) and the
+default: no other preset has met the accuracy target of issue #15 in the benchmark
+(``benchmarks/accuracy.py``; figures in docs/performance.md#accuracy-against-setfit). The
+others are the candidates, each a part or a combination of parts:
+
+- ``fast``: no ``(x, x)`` pairs, and the training length fitted to short texts;
+- ``anchors``: cleaned label names as extra contrastive examples, behind the zero-shot gate;
+- ``centroid``: a nearest-centroid cosine score blended into the logistic head;
+- ``supcon``: SupCon on class-balanced P×K batches instead of cosine loss on pairs;
+- ``combined``: ``fast`` + ``anchors`` + ``centroid``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stream_classifier.errors import ConfigError
+from stream_classifier.model.training import TrainingConfig
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "setfit": {},
+    "fast": {"drop_self_pairs": True, "fit_max_length": True},
+    "anchors": {"label_anchors": "gated"},
+    "centroid": {"centroid_weight": 0.5},
+    "supcon": {"loss": "supcon"},
+    "combined": {
+        "drop_self_pairs": True,
+        "fit_max_length": True,
+        "label_anchors": "gated",
+        "centroid_weight": 0.5,
+    },
+}
+DEFAULT_RECIPE = "setfit"
+
+# Settings that change the body's training; a recipe differing only elsewhere (the head)
+# trains the same body from the same examples and seed.
+HEAD_SETTINGS = frozenset(
+    {"recipe", "centroid_weight", "centroid_temperature", "head_only", "show_progress_bar"}
+)
+
+
+def recipe_config(name: str, **settings: Any) -> TrainingConfig:
+    """``TrainingConfig(**settings)`` with recipe ``name``'s parts on top (the recipe wins)."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown training recipe {name!r}: use one of {', '.join(RECIPES)}")
+    return TrainingConfig(**{**settings, **RECIPES[name], "recipe": name})
+
+
+def body_key(config: TrainingConfig) -> str:
+    """The settings that determine the fine-tuned body, as a stable string."""
+    return config.model_dump_json(exclude=set(HEAD_SETTINGS))
