@@ -14,6 +14,13 @@ Everything crosses the process boundary as files in one work directory:
 Mode ``head`` keeps the champion's body and refits only the head, on embeddings cached
 per body in ``cache_dir`` (so repeated runs embed only texts they have not seen). Mode
 ``full`` fine-tunes the champion's body contrastively and fits a new head.
+
+Either way the new head is calibrated on the held-out split (temperature, and thresholds
+for ``target_precision``; :mod:`stream_classifier.model.calibration`) before it is saved,
+and every score carries ``ece`` and ``log_loss`` beside macro-F1 and accuracy. The
+challenger's held-out ``ece``/``log_loss`` are therefore in-sample for its temperature;
+the trusted split's are not. Calibration never changes a prediction, so neither does it
+change macro-F1, accuracy or the gate.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import sys
 import time
 import traceback
@@ -30,10 +36,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 from sklearn.metrics import accuracy_score, f1_score
 
+from stream_classifier.learn.child_limits import apply_child_limits
+from stream_classifier.model.calibration import calibrate_from, calibration_scores
 from stream_classifier.model.examples import Example, cap_per_label, fingerprint
 from stream_classifier.model.format import ModelBundle, TrainingData, load_model, save_model, utc_now_iso
 from stream_classifier.model.runtime import ModelRuntime
@@ -61,10 +68,13 @@ class JobSpec:
     torch_threads: int = 1
     nice: int = 10
     max_memory_mb: int | None = None
+    gpu_memory_fraction: float | None = None  # the child's GPU memory share on CUDA
     cache_dir: str | None = None
     max_examples_per_label: int = 2_000
     seed: int = 42
     training: dict[str, Any] = field(default_factory=dict)
+    # decision.target_precision: label -> precision its threshold is fitted to reach.
+    target_precision: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +87,8 @@ class JobResult:
     # role ("champion"/"challenger") -> split ("holdout"/"trusted") -> metric -> value
     scores: dict[str, dict[str, Scores]]
     durations: dict[str, float]
+    # The challenger head's calibration (calibrate_from's summary: source, temperature, thresholds, ...)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
 
 def write_examples(path: Path, examples: list[Example]) -> None:
@@ -100,17 +112,25 @@ def score(true: list[str], predicted: list[str]) -> Scores:
     }
 
 
+def score_probabilities(classes: list[str], probabilities: NDArray[Any], true: list[str]) -> Scores:
+    """:func:`score` of the argmax predictions, plus ``ece`` and ``log_loss`` (the latter
+    over the examples whose label ``classes`` holds; absent when none)."""
+    predicted = [classes[i] for i in np.asarray(probabilities).argmax(axis=1)]
+    return {**score(true, predicted), **calibration_scores(classes, probabilities, true)}
+
+
 # --------------------------------------------------------------------------- process setup
 
 
 def _throttle(spec: JobSpec) -> None:
-    """Lower priority, cap threads and memory: before torch starts any thread pool."""
-    os.nice(spec.nice)
-    if spec.max_memory_mb is not None:
-        limit = spec.max_memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    torch.set_num_threads(spec.torch_threads)
-    torch.set_num_interop_threads(1)
+    """Lower priority, cap threads and memory (learn/child_limits.py): before torch starts any pool."""
+    apply_child_limits(
+        device=spec.device,
+        nice=spec.nice,
+        torch_threads=spec.torch_threads,
+        max_memory_mb=spec.max_memory_mb,
+        gpu_memory_fraction=spec.gpu_memory_fraction,
+    )
 
 
 def run_job(work_dir: str) -> None:
@@ -184,7 +204,11 @@ def _train_and_score(spec: JobSpec, work: Path) -> JobResult:
     champion = load_model(spec.champion_dir, device="cpu")
     body_id = str(champion.metadata.params.get("body_version", champion.version))
     champion_rt = _runtime(champion, spec)
-    cache_path = Path(spec.cache_dir) / f"{body_id}.npz" if spec.cache_dir else None
+    # Embeddings depend on the body and on how it runs: keyed by device, precision and length too.
+    key = f"{body_id}-{champion_rt.device}-{champion_rt.precision}-{champion_rt.max_seq_length}".replace(
+        ":", "_"
+    )
+    cache_path = Path(spec.cache_dir) / f"{key}.npz" if spec.cache_dir else None
     cache = _EmbeddingCache(cache_path)
     if spec.mode == "head":
         n, sha = fingerprint(train)
@@ -223,6 +247,19 @@ def _train_and_score(spec: JobSpec, work: Path) -> JobResult:
             }
         )
         challenger_rt = _runtime(challenger, spec)
+    embedded: dict[str, NDArray[np.float32]] = {}
+    calibration: dict[str, Any] = {"source": None, "reason": "no held-out examples"}
+    if holdout:
+        holdout_texts = [e.text for e in holdout]
+        embedded["holdout"] = cache.embed(champion_rt, holdout_texts)
+        if challenger_rt is not champion_rt:
+            embedded["challenger_holdout"] = challenger_rt.embed(holdout_texts)
+        challenger.head, calibration = calibrate_from(
+            challenger.head,
+            embedded.get("challenger_holdout", embedded["holdout"]),
+            [e.label for e in holdout],
+            spec.target_precision,
+        )
     save_model(challenger, work / "model")
     durations["train"] = time.perf_counter() - started
 
@@ -233,15 +270,17 @@ def _train_and_score(spec: JobSpec, work: Path) -> JobResult:
             continue
         texts = [e.text for e in examples]
         truth = [e.label for e in examples]
-        champion_emb = cache.embed(champion_rt, texts)
-        challenger_emb = champion_emb if challenger_rt is champion_rt else challenger_rt.embed(texts)
+        champion_emb = embedded.get(split)
+        if champion_emb is None:
+            champion_emb = cache.embed(champion_rt, texts)
+        challenger_emb = embedded.get(f"challenger_{split}")
+        if challenger_emb is None:
+            challenger_emb = champion_emb if challenger_rt is champion_rt else challenger_rt.embed(texts)
         for role, bundle, emb in (
             ("champion", champion, champion_emb),
             ("challenger", challenger, challenger_emb),
         ):
-            probabilities = bundle.head.predict_proba(emb)
-            predicted = [bundle.labels[i] for i in probabilities.argmax(axis=1)]
-            scores[role][split] = score(truth, predicted)
+            scores[role][split] = score_probabilities(bundle.labels, bundle.head.predict_proba(emb), truth)
     durations["evaluate"] = time.perf_counter() - started
     cache.save({e.text for e in train + holdout + trusted})
     return JobResult(
@@ -250,4 +289,5 @@ def _train_and_score(spec: JobSpec, work: Path) -> JobResult:
         train_examples=len(train),
         scores=scores,
         durations=durations,
+        calibration=calibration,
     )
