@@ -66,6 +66,7 @@ _RECORD_REFUSALS = (
 )
 _POSITION_TIMEOUT_MS = 5_000
 _JOIN_POLL_S = 3.0  # the shortest poll while no partition is assigned
+_CLOSE_TIMEOUT_MS = 2_000  # the longest a consumer's close (leaving the group) may take
 
 
 def _translate_produce(exc: BaseException, topic: str) -> Exception:
@@ -262,7 +263,9 @@ class KafkaPythonConsumer:
         return self._consumer.group_metadata()
 
     def close(self) -> None:
-        _call("closing the consumer", self._consumer.close, autocommit=False)
+        # Leaving the group is a courtesy (the session timeout evicts the member anyway), so
+        # it is bounded: kafka-python would wait request_timeout_ms for a broker that is gone.
+        _call("closing the consumer", self._consumer.close, autocommit=False, timeout_ms=_CLOSE_TIMEOUT_MS)
 
 
 class KafkaPythonProducer:
@@ -303,7 +306,9 @@ class KafkaPythonProducer:
             return False
         return True
 
-    # kafka-python bounds each transactional call by max_block_ms rather than a timeout.
+    # kafka-python bounds init_transactions by max_block_ms, and waits on the other
+    # transactional requests without any bound (a stopped broker blocked them for good): they
+    # are run here through its transaction manager and waited on for ``timeout_s`` at most.
     def init_transactions(self, timeout_s: float) -> None:
         _call("initialising transactions", self._producer.init_transactions)
 
@@ -314,18 +319,37 @@ class KafkaPythonProducer:
         self, offsets: Mapping[Partition, int], consumer: Consumer, timeout_s: float
     ) -> None:
         payload = {TopicPartition(*tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
-        _call(
+        metadata = consumer.group_metadata()
+        self._transactional(
             "adding offsets to the transaction",
-            self._producer.send_offsets_to_transaction,
-            payload,
-            consumer.group_metadata(),
+            lambda manager: manager.send_offsets_to_transaction(payload, metadata),
+            timeout_s,
         )
 
     def commit_transaction(self, timeout_s: float) -> None:
-        _call("committing the transaction", self._producer.commit_transaction)
+        self._transactional("committing the transaction", lambda manager: manager.begin_commit(), timeout_s)
 
     def abort_transaction(self, timeout_s: float) -> None:
-        _call("aborting the transaction", self._producer.abort_transaction)
+        self._transactional("aborting the transaction", lambda manager: manager.begin_abort(), timeout_s)
+
+    def _transactional(self, action: str, request: Callable[[Any], Any], timeout_s: float) -> None:
+        """Start one transactional request and wait ``timeout_s`` at most for its outcome.
+
+        On timeout the request is still under way in the client, so the transaction can only
+        be given up: :class:`BrokerUnavailableError`, after which the caller aborts, and a
+        failing abort makes it replace the producer (a new one fences this one).
+        """
+        manager = self._producer._transaction_manager
+        if manager is None:
+            raise TransportError(f"{action} failed: the producer has no transactional id")
+        try:
+            result = request(manager)
+            self._producer._sender.wakeup()
+            finished = result.wait(timeout_ms=max(1, int(timeout_s * 1000)))
+        except (kerr.KafkaError, OSError) as exc:
+            raise translate(exc, action) from exc
+        if not finished:
+            raise BrokerUnavailableError(f"{action} did not finish within {timeout_s:.1f} s")
 
     def close(self, timeout_s: float) -> None:
         self._producer.close(timeout=timeout_s)

