@@ -142,6 +142,13 @@ class RetrainSettings(Section):
             "'model.max_seq_length'."
         ),
     )
+    recipe: Literal["setfit", "fast", "anchors", "centroid", "supcon", "combined"] = Field(
+        default="setfit",
+        description=(
+            "Training recipe (docs/models.md#training-recipe): 'setfit' is plain SetFit; the others are "
+            "candidates measured against it by benchmarks/accuracy.py."
+        ),
+    )
     seed: int = Field(default=42, description="Seed of the pairs, the split and the head fit.")
     torch_threads: int = Field(
         default=1,
