@@ -72,17 +72,16 @@ _TRAINED: dict[tuple[Any, ...], tuple[Any, float]] = {}
 def _run_ours(base: str, run: dict[str, Any]) -> dict[str, Any]:
     from stream_classifier.model.examples import Example
     from stream_classifier.model.format import load_body
-    from stream_classifier.model.recipes import body_key, recipe_config
     from stream_classifier.model.runtime import ModelRuntime
-    from stream_classifier.model.training import train_model
+    from stream_classifier.model.training import TrainingConfig, train_model
 
     if base not in _BODIES:  # loaded once, untimed (as setfit's from_pretrained)
         _BODIES[base] = load_body(base, device="cpu")
     body = _BODIES[base]
     hp = run["hyperparameters"]
     body.max_seq_length = hp["max_seq_length"]  # training, head embeddings and inference alike
-    config = recipe_config(
-        run["side"].split(":", 1)[1],
+    config = TrainingConfig(
+        recipe=run["side"].split(":", 1)[1],
         batch_size=hp["batch_size"],
         epochs=hp["epochs"],
         num_iterations=hp["num_iterations"],
@@ -94,7 +93,7 @@ def _run_ours(base: str, run: dict[str, Any]) -> dict[str, Any]:
         show_progress_bar=False,
     )
     examples = [Example(r["text"], r["label"]) for r in run["train"]]
-    key = (run.get("dataset"), run.get("per_class"), run["seed"], body_key(config))
+    key = (run.get("dataset"), run.get("per_class"), run["seed"], config.body_key())
     trained, body_seconds = _TRAINED.get(key, (None, 0.0))
     started = time.perf_counter()
     if trained is not None:

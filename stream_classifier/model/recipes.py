@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 from stream_classifier.errors import ConfigError
-from stream_classifier.model.training import TrainingConfig
 
 RECIPES: dict[str, dict[str, Any]] = {
     "setfit": {},
@@ -41,13 +40,9 @@ HEAD_SETTINGS = frozenset(
 )
 
 
-def recipe_config(name: str, **settings: Any) -> TrainingConfig:
-    """``TrainingConfig(**settings)`` with recipe ``name``'s parts on top (the recipe wins)."""
+def recipe_parts(name: str) -> dict[str, Any]:
+    """Recipe ``name``'s settings; :class:`~stream_classifier.model.training.TrainingConfig`
+    fills them in for every field not given explicitly (an explicit setting wins)."""
     if name not in RECIPES:
         raise ConfigError(f"unknown training recipe {name!r}: use one of {', '.join(RECIPES)}")
-    return TrainingConfig(**{**settings, **RECIPES[name], "recipe": name})
-
-
-def body_key(config: TrainingConfig) -> str:
-    """The settings that determine the fine-tuned body, as a stable string."""
-    return config.model_dump_json(exclude=set(HEAD_SETTINGS))
+    return dict(RECIPES[name])

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sentence_transformers import SentenceTransformer
 from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
@@ -54,6 +54,7 @@ from stream_classifier.model.format import (
 from stream_classifier.model.geometry import blend_centroid
 from stream_classifier.model.head import LinearHead
 from stream_classifier.model.pairs import ContrastivePairs, SamplingStrategy
+from stream_classifier.model.recipes import HEAD_SETTINGS, recipe_parts
 from stream_classifier.model.runtime import resolve_device
 from stream_classifier.model.supcon import PKSampler, supcon_loss
 from stream_classifier.ops.logs import log_event
@@ -104,6 +105,18 @@ class TrainingConfig(BaseModel):
     max_examples_per_label: int = Field(default=2_000, ge=1)
     # Skip body fine-tuning: embed with the base body and fit the head only.
     head_only: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data: Any) -> Any:
+        """``recipe``'s parts for every field not given explicitly."""
+        if isinstance(data, dict) and "recipe" in data:
+            return {**recipe_parts(str(data["recipe"])), **data}
+        return data
+
+    def body_key(self) -> str:
+        """The settings that determine the fine-tuned body (not the head's), as a stable string."""
+        return self.model_dump_json(exclude=set(HEAD_SETTINGS))
 
 
 # --------------------------------------------------------------------------- body

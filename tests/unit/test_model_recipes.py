@@ -19,7 +19,7 @@ from stream_classifier.model.examples import Example
 from stream_classifier.model.format import load_body, load_model, save_model
 from stream_classifier.model.geometry import blend_centroid
 from stream_classifier.model.pairs import ContrastivePairs
-from stream_classifier.model.recipes import RECIPES, body_key, recipe_config
+from stream_classifier.model.recipes import RECIPES
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.model.supcon import PKSampler, supcon_loss
 from stream_classifier.model.training import TrainingConfig, fit_head, fitted_max_length, train_model
@@ -177,13 +177,16 @@ def test_centroid_blend_folds_into_an_ordinary_logistic_head() -> None:
 
 def test_recipes_are_presets_and_setfit_is_plain_setfit() -> None:
     base = {"num_iterations": 20, "epochs": 1, "seed": 3}
-    plain = recipe_config("setfit", **base)
-    assert plain.model_dump() == TrainingConfig(**base, recipe="setfit").model_dump()
-    assert recipe_config("fast", **base).drop_self_pairs
+    plain = TrainingConfig(**base, recipe="setfit")
+    assert plain.model_dump() == TrainingConfig(**base).model_dump()
+    fast = TrainingConfig(**base, recipe="fast")
+    assert fast.drop_self_pairs and fast.fit_max_length
+    assert not TrainingConfig(**base, recipe="fast", fit_max_length=False).fit_max_length  # explicit wins
+    assert TrainingConfig(**fast.model_dump()) == fast  # a saved config reads back as it was
     with pytest.raises(ConfigError, match="unknown training recipe 'best'"):
-        recipe_config("best")
-    assert body_key(recipe_config("centroid", **base)) == body_key(plain)  # same body, other head
-    assert body_key(recipe_config("fast", **base)) != body_key(plain)
+        TrainingConfig(recipe="best")
+    assert TrainingConfig(**base, recipe="centroid").body_key() == plain.body_key()  # other head only
+    assert fast.body_key() != plain.body_key()
 
 
 def test_fitted_max_length_follows_short_texts_only(tiny_body_path: Path) -> None:
@@ -194,8 +197,8 @@ def test_fitted_max_length_follows_short_texts_only(tiny_body_path: Path) -> Non
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_every_recipe_trains_saves_and_loads(recipe: str, tiny_body_path: Path, tmp_path: Path) -> None:
-    config = recipe_config(
-        recipe, num_iterations=1, epochs=1, batch_size=4, max_steps=3, show_progress_bar=False
+    config = TrainingConfig(
+        recipe=recipe, num_iterations=1, epochs=1, batch_size=4, max_steps=3, show_progress_bar=False
     )
     bundle = train_model(TRAIN_EXAMPLES, tiny_body_path, config, device="cpu")
     assert bundle.metadata.params["recipe"] == recipe
@@ -207,3 +210,12 @@ def test_every_recipe_trains_saves_and_loads(recipe: str, tiny_body_path: Path, 
     before = ModelRuntime(bundle, device="cpu", precision="fp32").predict_proba(texts)
     after = ModelRuntime(loaded, device="cpu", precision="fp32").predict_proba(texts)
     np.testing.assert_allclose(after, before, atol=1e-5)
+
+
+def test_retrain_recipe_setting_names_every_recipe() -> None:
+    from typing import get_args
+
+    from stream_classifier.config import RetrainSettings
+
+    assert set(get_args(RetrainSettings.model_fields["recipe"].annotation)) == set(RECIPES)
+    assert RetrainSettings().recipe == "setfit"
