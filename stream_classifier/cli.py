@@ -65,6 +65,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "max_steps": args.max_steps,
         "max_seq_length": args.max_seq_length,
         "seed": args.seed,
+        "recipe": args.recipe,
     }
     config = TrainingConfig(**{key: value for key, value in chosen.items() if value is not None})
     started = time.perf_counter()
@@ -282,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--max-seq-length", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--recipe",
+        choices=["setfit", "fast", "anchors", "centroid", "supcon", "combined"],
+        default=None,
+        help="training recipe (docs/models.md#training-recipe; default setfit, plain SetFit)",
+    )
     p.add_argument("--skip-bad-rows", action="store_true")
     _add_runtime(p)
 

@@ -116,6 +116,7 @@ def training_options(retrain: RetrainSettings) -> dict[str, Any]:
         "body_learning_rate": retrain.learning_rate,
         "max_steps": retrain.max_steps,
         "max_seq_length": retrain.train_max_seq_length,
+        "recipe": retrain.recipe,
     }
 
 
