@@ -134,7 +134,9 @@ def worker(kind: str, base: str) -> None:
     protocol.flush()
     for line in sys.stdin:
         run = json.loads(line)
+        cpu_started = time.process_time()
         outcome = run_one(base, run)
+        cpu_seconds = time.process_time() - cpu_started
         gold = [r["label"] for r in run["eval"]]
         predicted = [str(p) for p in outcome["predicted"]]
         result = {
@@ -145,6 +147,9 @@ def worker(kind: str, base: str) -> None:
             "accuracy": sum(p == g for p, g in zip(predicted, gold, strict=True)) / len(gold),
             "macro_f1": _macro_f1(gold, predicted),
             "train_seconds": round(outcome["train_seconds"], 3),
+            # CPU seconds of training and scoring together (all threads): less sensitive to
+            # other load on the machine than the wall-clock train_seconds.
+            "cpu_seconds": round(cpu_seconds, 3),
             "n_train": len(run["train"]),
             "n_test": len(gold),
         }
