@@ -32,14 +32,19 @@ from prometheus_client import CollectorRegistry
 from stream_classifier.app import App
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics
-from tests.faults.support import message, output_ids
+from tests.faults.support import PacedFeeder, message, output_ids
 from tests.fixtures.broker import TRANSPORTS, committed_offsets, produce
 from tests.fixtures.kafka_broker import ApacheKafka, create_kafka_topics, kafka_settings_factory
 from tests.integration.service_support import (
     TopicReader,
+    crash,
     running_service,
+    serve_topics,
     service_settings,
+    serving,
+    terminate,
     wait_until,
+    write_serve_config,
 )
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
@@ -47,6 +52,10 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 # Closing the clients after the deadline may take a few seconds more with the broker stopped
 # (each close is bounded by the client); the transaction's own timeouts are 30 s each.
 _SHUTDOWN_SLACK_S = 12.0
+# A crashed transaction left open blocks read_committed readers until this timeout ...
+_TRANSACTION_TIMEOUT_MS = 120_000
+# ... while a restart that fences it lets them see every output well within this.
+_FENCED_WITHIN_S = 60
 
 
 class CommittedReader:
@@ -184,3 +193,44 @@ def test_exactly_once_shutdown_honours_its_timeout_with_the_broker_stopped(
             os.kill(cluster.pid, signal.SIGCONT)
         reader.close()
     print(f"eos-shutdown: transport={transport} shutdown_timeout_s={shutdown_timeout_s} took={took:.1f}s")
+
+
+def test_a_restarted_instance_fences_its_crashed_transaction_at_once(
+    kafka_cluster: ApacheKafka, kafka_topic_factory: Callable[..., str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL `serve` with a transaction open, restart it: its stable transactional id fences
+    the crashed transaction at once, so a ``read_committed`` reader sees every output long
+    before the transaction timeout (120 s here). With a random id per process the crashed
+    transaction stayed open until that timeout and held every reader back."""
+    broker = kafka_cluster.plaintext
+    topics = serve_topics(kafka_topic_factory, partitions=2)
+    config = write_serve_config(
+        tmp_path / "serve.yaml",
+        broker=broker,
+        group=f"fence-{topics.source}",
+        topics=topics,
+        model=tiny_model_dir,
+        processing={"guarantee": "exactly_once", "commit_interval_ms": 2_000},
+        kafka={"producer_properties": {"transaction_timeout_ms": _TRANSACTION_TIMEOUT_MS}},
+    )
+    n = 200
+    feeder = PacedFeeder(broker, topics.source, n, seconds=8.0).start()
+    uncommitted = TopicReader(broker, topics.out)
+    committed = CommittedReader(broker, topics.out)
+    try:
+        with serving(config, tmp_path / "serve-0.log") as process:
+            uncommitted.wait_for(lambda rs: len(rs) >= 40, 120, "outputs before the kill")
+            crash(process)  # commits every 2 s while fed: a transaction is open
+        feeder.join(timeout_s=60)
+        with serving(config, tmp_path / "serve-1.log") as restarted:
+            wait_until(
+                lambda: len(set(output_ids(committed.read()))) == n,
+                _FENCED_WITHIN_S,
+                f"every output visible to read_committed within {_FENCED_WITHIN_S} s of the restart",
+            )
+            assert terminate(restarted) == 0
+        counts = output_ids(committed.settled())
+    finally:
+        uncommitted.close()
+        committed.close()
+    assert counts == Counter({f"m{i}": 1 for i in range(n)})
