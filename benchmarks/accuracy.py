@@ -191,6 +191,8 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "macro_f1": _stats([runs[s]["macro_f1"] for s in seeds]),
                 "train_seconds": _stats([runs[s]["train_seconds"] for s in seeds]),
             }
+            if all("cpu_seconds" in runs[s] for s in seeds):
+                entry["cpu_seconds"] = _stats([runs[s]["cpu_seconds"] for s in seeds])
             base = by_side.get("setfit", {})
             paired = sorted(set(seeds) & set(base))
             if side != "setfit" and paired:
