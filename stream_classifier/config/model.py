@@ -21,7 +21,11 @@ class ModelSettings(Section):
     )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto",
-        description="'auto' is fp16 autocast on CUDA and fp32 on the CPU; bf16 needs a GPU that supports it.",
+        description=(
+            "'auto' on the CPU: bf16 autocast where the CPU has native bf16 (AMX or AVX512_BF16) and a "
+            "warm-up probe finds it >= 1.15x fp32 within the AMP tolerance, else fp32; on CUDA: bf16 at "
+            "compute capability >= 8.0, else fp16. Explicit bf16 on CUDA needs native support."
+        ),
     )
     quantize: Literal["none", "int8"] = Field(
         default="none",
