@@ -7,12 +7,21 @@ Invariants:
   value known then (dead-letter reasons, retrain outcomes, score kinds), and the rest
   (topics, labels, partitions) as soon as they are known, so dashboards and alerts can be
   checked against any instance, CPU or GPU, serving-only or trainer;
-- label cardinality is bounded: topics and partitions by the deployment, prediction and
-  feedback labels by ``feedback.max_labels``, reasons and outcomes by the enums below.
+- label cardinality is bounded: topics and partitions by the deployment (output topics:
+  ``kafka.output_topic`` and the ``output.routes`` targets), prediction and feedback labels
+  by ``feedback.max_labels``, reasons and outcomes by the enums below, and ``model_version``
+  (predictions and confidence) to the served version and the one before it:
+  :meth:`Metrics.preset_model` removes the series of older versions at each swap, so that
+  champion and challenger can be compared after a swap and a long-lived process keeps two
+  versions' series at most (a batch of an older version still being published at the swap
+  may add its series back until the next swap).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Literal, get_args
 
@@ -54,6 +63,10 @@ DEAD_LETTER_REASONS: tuple[DeadLetterReason, ...] = get_args(DeadLetterReason)
 FeedbackDropReason = Literal["label_cap", "byte_budget", "label_evicted", "candidate_evicted"]
 FEEDBACK_DROP_REASONS: tuple[FeedbackDropReason, ...] = get_args(FeedbackDropReason)
 FEEDBACK_READER_STAGES = ("read", "record")
+# Why an output went out plain instead of enriched (output.include_input / output.headers).
+OutputReducedReason = Literal["too_large", "unencodable"]
+OUTPUT_REDUCED_REASONS: tuple[OutputReducedReason, ...] = get_args(OutputReducedReason)
+_KEPT_VERSIONS = 2  # model versions whose series are kept: the served one and the one before
 RETRAIN_OUTCOMES = ("promoted", "rejected", "skipped", "failed")
 RETRAIN_PHASES = ("load", "train", "evaluate", "swap")
 SCORE_SPLITS = ("holdout", "trusted")
@@ -85,7 +98,28 @@ class Metrics:
         self.messages_consumed = Counter(
             f"{PREFIX}_messages_consumed", "Input messages consumed.", ["topic"], registry=r
         )
-        self.predictions = Counter(f"{PREFIX}_predictions", "Predictions published.", ["label"], registry=r)
+        self.predictions = Counter(
+            f"{PREFIX}_predictions",
+            "Predictions published, by decided label (the abstain label included) and model version.",
+            ["label", "model_version"],
+            registry=r,
+        )
+        self.outputs = Counter(
+            f"{PREFIX}_outputs", "Prediction outputs produced, per output topic.", ["topic"], registry=r
+        )
+        self.outputs_reduced = Counter(
+            f"{PREFIX}_outputs_reduced",
+            "Outputs sent plain instead of enriched: too large for kafka.max_request_size, or an input "
+            "that is not strict JSON (NaN).",
+            ["reason"],
+            registry=r,
+        )
+        self.abstentions = Counter(
+            f"{PREFIX}_abstentions",
+            "Messages published under the abstain label, by their top label.",
+            ["label"],
+            registry=r,
+        )
         self.dead_letters = Counter(
             f"{PREFIX}_dead_letters", "Messages sent to the dead-letter topic.", ["reason"], registry=r
         )
@@ -143,7 +177,8 @@ class Metrics:
         )
         self.confidence = Histogram(
             f"{PREFIX}_prediction_confidence",
-            "Top class probability of each prediction.",
+            "Top class probability of each prediction, per model version.",
+            ["model_version"],
             buckets=_CONFIDENCE_BUCKETS,
             registry=r,
         )
@@ -207,6 +242,8 @@ class Metrics:
             f"{PREFIX}_gpu_memory_allocated_bytes", "CUDA memory allocated by torch (0 on CPU).", registry=r
         )
 
+        self._versions: OrderedDict[str, list[str]] = OrderedDict()  # version -> its predictions' labels
+        self._versions_lock = threading.Lock()
         self._preset()
 
     def _preset(self) -> None:
@@ -226,16 +263,40 @@ class Metrics:
             self.feedback_dropped.labels(reason=drop)
         for stage in FEEDBACK_READER_STAGES:
             self.feedback_reader_errors.labels(stage=stage)
+        for reduced in OUTPUT_REDUCED_REASONS:
+            self.outputs_reduced.labels(reason=reduced)
         self.model_info.info({"version": "", "base_model": "", "device": "", "precision": ""})
         self.ready.set(0)
 
-    def preset_topics(self, topics: Iterable[str]) -> None:
-        """Create the per-topic series at start-up, before any message arrives."""
+    def preset_topics(self, topics: Iterable[str], outputs: Iterable[str] = ()) -> None:
+        """Create the per-topic series (input and output topics) at start-up."""
         for topic in topics:
             self.messages_consumed.labels(topic=topic)
+        for topic in outputs:
+            self.outputs.labels(topic=topic)
 
     def preset_labels(self, labels: Iterable[str]) -> None:
         """Create the per-label series for a model's labels (at load and at every swap)."""
         for label in labels:
-            self.predictions.labels(label=label)
             self.feedback_examples.labels(label=label)
+            self.abstentions.labels(label=label)
+
+    def preset_model(self, version: str, labels: Iterable[str], *, abstain_label: str | None = None) -> None:
+        """Create the series of the model now served, and remove those of versions before the
+        previous one (at load and at every swap; thread-safe)."""
+        labels = list(labels)
+        self.preset_labels(labels)
+        published = [*labels, abstain_label] if abstain_label is not None else labels
+        with self._versions_lock:
+            self._versions.pop(version, None)
+            self._versions[version] = published
+            while len(self._versions) > _KEPT_VERSIONS:
+                old, old_labels = self._versions.popitem(last=False)
+                for label in old_labels:
+                    with contextlib.suppress(KeyError):
+                        self.predictions.remove(label, old)
+                with contextlib.suppress(KeyError):
+                    self.confidence.remove(old)
+        for label in published:
+            self.predictions.labels(label=label, model_version=version)
+        self.confidence.labels(model_version=version)

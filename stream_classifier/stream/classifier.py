@@ -7,7 +7,7 @@ thread; ``predict_proba`` is both in one call, for isolating a failing message.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,6 +21,10 @@ class Classifier(Protocol):
 
     @property
     def version(self) -> str: ...
+
+    @property
+    def thresholds(self) -> Mapping[str, float]:
+        """Label -> minimum probability fitted with the model (empty when none was fitted)."""
 
     @property
     def base_model(self) -> str: ...

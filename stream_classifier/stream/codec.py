@@ -11,9 +11,16 @@ Invariants:
   :func:`record_size` bounds a record as the producer counts it; a dead letter keeps the
   input's key, headers and value, cutting the value to fit (marked ``truncated``), and
   falls back to :func:`minimal_dead_letter` (coordinates and reason only) when the key and
-  headers alone do not fit.
+  headers alone do not fit. An enriched output (``output.include_input``, carried headers)
+  that would not fit, or whose input cannot be written as JSON (a NaN in it), is replaced
+  by the plain output, and :meth:`OutputEncoder.encode` says why (:data:`REDUCED_REASONS`);
+  it is never dropped.
+- Outputs are strict JSON (``allow_nan=False``) in UTF-8; an input object holding a lone
+  surrogate escape is written with ASCII escapes, as it came.
 
-This is the per-message hot path: one pass of checks per input, one ``json.dumps`` per output.
+This is the per-message hot path: one pass of checks per input (one ``json.loads``; the
+object is kept for ``include_input: original``, never parsed again), one ``json.dumps`` per
+output.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from stream_classifier.config import InputSettings
+from stream_classifier.config import InputSettings, OutputSettings
 from stream_classifier.transport.base import Headers, Record
 
 NULL_VALUE = "null_value"
@@ -54,9 +62,15 @@ CODEC_REASONS = (
     INVALID_ID,
 )
 
-# Output header names.
+# Output header names: the service's own, and the W3C trace context carried whenever present.
 MODEL_VERSION_HEADER = "model.version"
 LABEL_HEADER = "label"
+SERVICE_HEADERS = frozenset((MODEL_VERSION_HEADER, LABEL_HEADER))
+TRACE_HEADERS = frozenset(("traceparent", "tracestate"))
+# Why an output went out plain instead of enriched.
+REDUCED_TOO_LARGE = "too_large"
+REDUCED_UNENCODABLE = "unencodable"
+REDUCED_REASONS = (REDUCED_TOO_LARGE, REDUCED_UNENCODABLE)
 # Dead-letter header names.
 ERROR_HEADER = "error"
 ERROR_MESSAGE_HEADER = "error.message"
@@ -73,6 +87,7 @@ _MINIMAL_MESSAGE_CHARS = 200
 class Decoded:
     text: str
     id: str | int
+    original: dict[str, Any] | None = None  # the input's JSON object, kept only when asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +104,7 @@ class OutgoingRecord:
     value: bytes | None
     key: bytes | None = None
     headers: Headers = ()
+    timestamp_ms: int | None = None  # None: the time it is produced
 
 
 def source_id(record: Record) -> str:
@@ -98,8 +114,9 @@ def source_id(record: Record) -> str:
 class InputDecoder:
     """Turns input record values into texts, according to ``input.*`` settings."""
 
-    def __init__(self, settings: InputSettings) -> None:
+    def __init__(self, settings: InputSettings, *, keep_original: bool = False) -> None:
         self._json = settings.format == "json"
+        self._keep_original = keep_original
         self._text_field = settings.text_field
         self._id_field = settings.id_field
         self._max_bytes = settings.max_bytes
@@ -142,12 +159,14 @@ class InputDecoder:
                 return Rejected(INVALID_TEXT, f"field {self._text_field!r} holds a lone surrogate escape")
             if isinstance(id_, str) and not _encodable(id_):
                 return Rejected(INVALID_ID, f"field {self._id_field!r} holds a lone surrogate escape")
-        return self._checked(text, id_)
+        return self._checked(text, id_, obj if self._keep_original else None)
 
-    def _checked(self, text: str, id_: str | int) -> Decoded | Rejected:
+    def _checked(
+        self, text: str, id_: str | int, original: dict[str, Any] | None = None
+    ) -> Decoded | Rejected:
         if not text.strip():
             return Rejected(EMPTY_TEXT, "the text is empty or only whitespace")
-        return Decoded(text, id_)
+        return Decoded(text, id_, original)
 
 
 def _encodable(text: str) -> bool:
@@ -173,34 +192,90 @@ def published_rows(probabilities: np.ndarray) -> tuple[list[list[float]], list[i
     return values, best
 
 
-def encode_prediction(
-    record: Record,
-    *,
-    id_: str | int,
-    labels: Sequence[str],
-    row: Sequence[float],
-    best: int,
-    model_version: str,
-    topic: str,
-) -> tuple[OutgoingRecord, str, float]:
-    """The output for ``record``; also returns the predicted label and its probability.
+class OutputEncoder:
+    """Encodes predictions by ``output.*``: the plain output, or the enriched one when it fits.
 
-    ``row`` and ``best`` are this record's from :func:`published_rows`, in ``labels`` order.
+    The plain output is ``id``, ``label``, (with decisions on) ``top_label`` and
+    ``abstained``, ``probabilities``, ``model_version``, ``source``; headers ``model.version``
+    and ``label``, plus the input's W3C trace headers. Enriched: ``text`` or ``input``
+    besides, and the input headers ``output.headers`` names (never one of the service's own
+    names: those win).
     """
-    label = labels[best]
-    payload = {
-        "id": id_,
-        "label": label,
-        "probabilities": dict(zip(labels, row, strict=True)),
-        "model_version": model_version,
-        "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
-    }
-    value = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    headers = (
-        (MODEL_VERSION_HEADER, model_version.encode("utf-8")),
-        (LABEL_HEADER, label.encode("utf-8")),
-    )
-    return OutgoingRecord(topic, value, record.key, headers), label, row[best]
+
+    def __init__(self, output: OutputSettings, *, decisions: bool, max_request_size: int) -> None:
+        self._decisions = decisions
+        self._include = output.include_input
+        self._mode = output.header_mode
+        self._names = frozenset(output.headers) - SERVICE_HEADERS | TRACE_HEADERS
+        self._input_timestamp = output.timestamp == "input"
+        self._max_request_size = max_request_size
+        self._enriched = self._include != "none" or self._mode != "none"
+
+    def encode(
+        self,
+        record: Record,
+        decoded: Decoded,
+        *,
+        labels: Sequence[str],
+        row: Sequence[float],
+        label: str,
+        top_label: str,
+        abstained: bool,
+        model_version: str,
+        topic: str,
+    ) -> tuple[OutgoingRecord, str | None]:
+        """The output for ``record``, and why it is plain when enrichment was asked (else None).
+
+        ``row`` is this record's from :func:`published_rows`, in ``labels`` order. Raises
+        ValueError when even the plain output is not JSON (a non-finite probability).
+        """
+        payload: dict[str, Any] = {"id": decoded.id, "label": label}
+        if self._decisions:
+            payload["top_label"] = top_label
+            payload["abstained"] = abstained
+        payload["probabilities"] = dict(zip(labels, row, strict=True))
+        payload["model_version"] = model_version
+        payload["source"] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+        own = ((MODEL_VERSION_HEADER, model_version.encode("utf-8")), (LABEL_HEADER, label.encode("utf-8")))
+        stamp = record.timestamp_ms if self._input_timestamp and (record.timestamp_ms or 0) > 0 else None
+        reduced: str | None = None
+        if self._enriched:
+            enriched = dict(payload)
+            if self._include == "text":
+                enriched["text"] = decoded.text
+            elif self._include == "original":
+                enriched["input"] = decoded.original if decoded.original is not None else decoded.text
+            headers = (*own, *self._carried(record.headers))
+            try:
+                value = _dumps(enriched)
+            except ValueError:  # a NaN or an infinity in the input object
+                reduced = REDUCED_UNENCODABLE
+            else:
+                if record_size(record.key, value, headers) <= self._max_request_size:
+                    return OutgoingRecord(topic, value, record.key, headers, stamp), None
+                reduced = REDUCED_TOO_LARGE
+        value = _dumps(payload)
+        trace = tuple(h for h in record.headers if h[0] in TRACE_HEADERS) if record.headers else ()
+        if trace and record_size(record.key, value, (*own, *trace)) > self._max_request_size:
+            trace, reduced = (), REDUCED_TOO_LARGE  # trace headers too large to carry
+        return OutgoingRecord(topic, value, record.key, (*own, *trace), stamp), reduced
+
+    def _carried(self, headers: Headers) -> Headers:
+        if not headers:
+            return ()
+        if self._mode == "all":
+            return tuple(h for h in headers if h[0] not in SERVICE_HEADERS)
+        names = self._names if self._mode == "names" else TRACE_HEADERS
+        return tuple(h for h in headers if h[0] in names)
+
+
+def _dumps(payload: dict[str, Any]) -> bytes:
+    """Strict JSON in UTF-8; ValueError on a NaN or an infinity."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a \u escape) in the input object
+        return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode("ascii")
 
 
 def encode_dead_letter(

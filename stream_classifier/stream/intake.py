@@ -40,8 +40,10 @@ class Intake:
         sender: Sender,
         batcher: MicroBatcher[Item],
         metrics: Metrics,
+        *,
+        keep_original: bool = False,
     ) -> None:
-        self._decoder = InputDecoder(settings)
+        self._decoder = InputDecoder(settings, keep_original=keep_original)
         self._tracker = tracker
         self._sender = sender
         self._batcher = batcher

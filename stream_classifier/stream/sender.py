@@ -143,7 +143,14 @@ class Sender:
             acks.put(_Ack(entry, error, timestamp_ms, source, kind, rejected))
 
         try:
-            self.producer.send(out.topic, out.value, key=out.key, headers=out.headers, on_delivery=delivered)
+            self.producer.send(
+                out.topic,
+                out.value,
+                key=out.key,
+                headers=out.headers,
+                on_delivery=delivered,
+                timestamp_ms=out.timestamp_ms,
+            )
         except (BrokerUnavailableError, RecordRejectedError) as exc:
             delivered(exc)
         return True

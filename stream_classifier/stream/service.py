@@ -126,12 +126,15 @@ class StreamService:
             self.health,
             on_failed=self._delivery_failed,
         )
-        self._publisher = Publisher(settings.kafka, self._tracker, self._sender, metrics, publish_hook)
-        self._intake = Intake(settings.input, self._tracker, self._sender, self._batcher, metrics)
+        self._publisher = Publisher(settings, self._tracker, self._sender, metrics, publish_hook)
+        keep_original = settings.output.include_input == "original"
+        self._intake = Intake(
+            settings.input, self._tracker, self._sender, self._batcher, metrics, keep_original=keep_original
+        )
         self._rereads = Rereads(self._tracker, self._batcher, self._pauses, metrics)
 
         self._announce_model(runtime)
-        metrics.preset_topics(self._kafka.input_topics)
+        metrics.preset_topics(self._kafka.input_topics, self._publisher.output_topics)
 
     # ------------------------------------------------------------------ public API
 
@@ -431,5 +434,6 @@ class StreamService:
                 "precision": str(runtime.precision),
             }
         )
-        self.metrics.preset_labels(runtime.labels)
+        abstain_label = self._settings.decision.abstain_label
+        self.metrics.preset_model(runtime.version, runtime.labels, abstain_label=abstain_label)
         self.health.set_model_loaded(True)

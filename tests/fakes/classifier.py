@@ -7,6 +7,9 @@
   the texts: a systemic failure (a broken model; pass an error class named
   ``OutOfMemoryError`` for CUDA out of memory). Set it back to ``False`` to heal it.
 - ``delay_s``: model time per ``infer`` call.
+- ``thresholds``: the fitted label -> minimum probability the model carries (empty by default).
+- ``probabilities``: when set, a function text -> the row ``infer`` returns for it (in
+  ``labels`` order), for tests that need exact probabilities.
 - ``hold()`` / ``release()``: ``infer`` blocks until released (``held`` counts the blocked
   calls), to keep batches inside the model while a test scripts something else; a call held
   for more than 30 s raises instead of hanging the test.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -46,8 +49,13 @@ class StubClassifier:
         *,
         poison: Callable[[str], bool] = lambda text: False,
         delay_s: float = 0.0,
+        labels: Sequence[str] = ("ham", "spam"),
+        thresholds: Mapping[str, float] | None = None,
+        probabilities: Callable[[str], Sequence[float]] | None = None,
     ) -> None:
-        self.labels = ["ham", "spam"]
+        self.labels = list(labels)
+        self.thresholds: dict[str, float] = dict(thresholds or {})
+        self.probabilities = probabilities
         self.version = version
         self.base_model = "stub/base"
         self.bundle = StubBundle()  # what an older loop reads base_model from
@@ -80,6 +88,8 @@ class StubClassifier:
             raise ValueError("the stub refuses a poison text")
         with self._lock:
             self.batch_sizes.append(len(prepared.texts))
+        if self.probabilities is not None:
+            return np.array([self.probabilities(text) for text in prepared.texts], dtype=np.float32)
         spam = np.array(["spam" in text.lower() for text in prepared.texts])
         return np.where(spam[:, None], [0.1, 0.9], [0.8, 0.2]).astype(np.float32).reshape(-1, 2)
 

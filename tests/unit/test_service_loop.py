@@ -56,8 +56,9 @@ def test_every_input_gets_one_output_in_order_and_offsets_reach_the_end() -> Non
         assert header(out, "label") == body(out)["label"].encode()
     assert rig.dead_letters() == []
     assert rig.metric("messages_consumed_total", topic=IN) == 60
-    assert rig.metric("predictions_total", label="spam") == 20
-    assert rig.metric("predictions_total", label="ham") == 40
+    assert rig.metric("predictions_total", label="spam", model_version="stub-1") == 20
+    assert rig.metric("predictions_total", label="ham", model_version="stub-1") == 40
+    assert rig.metric("outputs_total", topic=OUT) == 60
     assert rig.metric("end_to_end_latency_seconds_count") == 60
     assert rig.metric("in_flight_messages") == 0
 
