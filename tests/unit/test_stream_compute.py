@@ -117,3 +117,22 @@ def test_nothing_keeps_a_swapped_out_model_alive(no_gc: None) -> None:
         assert gone() is None  # the job prepared for it went with its batch
     finally:
         worker.stop(5)
+
+
+def test_a_failed_device_stops_the_service_non_zero_and_dead_letters_nothing() -> None:
+    from tests.fakes.classifier import StubClassifier
+    from tests.fakes.harness import ServiceRig, wait_until
+
+    stub = StubClassifier()
+    stub.broken, stub.broken_error = True, DeviceFailedError
+    rig = ServiceRig(classifier=stub)
+    rig.send_many(5)
+    rig.__enter__()
+    try:
+        wait_until(lambda: rig.error is not None, what="the service to stop on the failed device")
+    finally:
+        rig.stop()
+    assert isinstance(rig.error, DeviceFailedError) and rig.error.exit_code == 3  # `serve` exits 3
+    assert rig.outputs() == [] and rig.dead_letters() == []  # no message is blamed
+    assert rig.committed() == 0  # the batch is read again by the restarted process
+    assert not rig.service.health.snapshot().ready
