@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,11 +49,13 @@ def _read_data(path: Path, skip_bad_rows: bool) -> tuple[list[Any], int]:
 def _cmd_train(args: argparse.Namespace) -> int:
     import time
 
+    from stream_classifier.model.calibration import calibrate_from
     from stream_classifier.model.evaluation import evaluate
     from stream_classifier.model.format import save_model
     from stream_classifier.model.runtime import ModelRuntime
     from stream_classifier.model.training import TrainingConfig, train_model
 
+    targets = _target_precisions(args.target_precision)
     examples, skipped = _read_data(args.data, args.skip_bad_rows)
     eval_examples: list[Any] = []
     eval_skipped = 0
@@ -81,14 +84,55 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "training_seconds": training_seconds,
         "base_model": bundle.metadata.base_model,
     }
+    device, precision = args.device or "auto", args.precision or "auto"
+    # Calibrated on --eval-data when given, else out of fold over the training examples.
+    fitted_on = eval_examples or examples
+    embeddings = ModelRuntime(bundle, device=device, precision=precision).embed([e.text for e in fitted_on])
+    bundle.head, summary["calibration"] = calibrate_from(
+        bundle.head,
+        embeddings,
+        [e.label for e in fitted_on],
+        targets,
+        fit=None if eval_examples else _head_fit(config),
+        seed=config.seed,
+    )
     if eval_examples:
-        runtime = ModelRuntime(bundle, device=args.device or "auto", precision=args.precision or "auto")
+        runtime = ModelRuntime(bundle, device=device, precision=precision)
         metrics = evaluate(runtime, eval_examples)
         bundle.metadata = bundle.metadata.model_copy(update={"metrics": {"eval": metrics}})
         summary["eval"] = metrics
     save_model(bundle, args.output)
     _emit(summary)
     return 0
+
+
+def _head_fit(config: Any) -> Callable[[Any, list[str]], Any]:
+    """How ``train_model`` fits its head under ``config``, for the out-of-fold calibration."""
+    from stream_classifier.model.geometry import blend_centroid
+    from stream_classifier.model.training import fit_head
+
+    def fit(embeddings: Any, labels: list[str]) -> Any:
+        head = fit_head(embeddings, labels, config.seed)
+        return blend_centroid(head, embeddings, labels, config.centroid_weight, config.centroid_temperature)
+
+    return fit
+
+
+def _target_precisions(pairs: list[str] | None) -> dict[str, float]:
+    """``LABEL=PRECISION`` pairs (``--target-precision``) as a dict; ConfigError when malformed."""
+    from stream_classifier.errors import ConfigError
+
+    targets: dict[str, float] = {}
+    for pair in pairs or []:
+        label, sep, value = pair.rpartition("=")
+        try:
+            target = float(value)
+        except ValueError:
+            target = math.nan
+        if not sep or not label or not 0.0 <= target <= 1.0:
+            raise ConfigError(f"--target-precision {pair!r}: give LABEL=PRECISION, a precision in [0, 1]")
+        targets[label] = target
+    return targets
 
 
 def _load_runtime(args: argparse.Namespace) -> Any:
@@ -288,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["setfit", "fast", "anchors", "centroid", "supcon", "combined"],
         default=None,
         help="training recipe (docs/models.md#training-recipe; default setfit, plain SetFit)",
+    )
+    p.add_argument(
+        "--target-precision",
+        action="append",
+        metavar="LABEL=P",
+        help="fit LABEL's threshold to reach precision P on the calibration data (repeatable)",
     )
     p.add_argument("--skip-bad-rows", action="store_true")
     _add_runtime(p)

@@ -14,6 +14,13 @@ Everything crosses the process boundary as files in one work directory:
 Mode ``head`` keeps the champion's body and refits only the head, on embeddings cached
 per body in ``cache_dir`` (so repeated runs embed only texts they have not seen). Mode
 ``full`` fine-tunes the champion's body contrastively and fits a new head.
+
+Either way the new head is calibrated on the held-out split (temperature, and thresholds
+for ``target_precision``; :mod:`stream_classifier.model.calibration`) before it is saved,
+and every score carries ``ece`` and ``log_loss`` beside macro-F1 and accuracy. The
+challenger's held-out ``ece``/``log_loss`` are therefore in-sample for its temperature;
+the trusted split's are not. Calibration never changes a prediction, so neither does it
+change macro-F1, accuracy or the gate.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from numpy.typing import NDArray
 from sklearn.metrics import accuracy_score, f1_score
 
 from stream_classifier.learn.child_limits import apply_child_limits
+from stream_classifier.model.calibration import calibrate_from, calibration_scores
 from stream_classifier.model.examples import Example, cap_per_label, fingerprint
 from stream_classifier.model.format import ModelBundle, TrainingData, load_model, save_model, utc_now_iso
 from stream_classifier.model.runtime import ModelRuntime
@@ -65,6 +73,8 @@ class JobSpec:
     max_examples_per_label: int = 2_000
     seed: int = 42
     training: dict[str, Any] = field(default_factory=dict)
+    # decision.target_precision: label -> precision its threshold is fitted to reach.
+    target_precision: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,6 +87,8 @@ class JobResult:
     # role ("champion"/"challenger") -> split ("holdout"/"trusted") -> metric -> value
     scores: dict[str, dict[str, Scores]]
     durations: dict[str, float]
+    # The challenger head's calibration (calibrate_from's summary: source, temperature, thresholds, ...)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
 
 def write_examples(path: Path, examples: list[Example]) -> None:
@@ -98,6 +110,13 @@ def score(true: list[str], predicted: list[str]) -> Scores:
         "macro_f1": float(f1_score(true, predicted, average="macro", zero_division=0)),
         "accuracy": float(accuracy_score(true, predicted)),
     }
+
+
+def score_probabilities(classes: list[str], probabilities: NDArray[Any], true: list[str]) -> Scores:
+    """:func:`score` of the argmax predictions, plus ``ece`` and ``log_loss`` (the latter
+    over the examples whose label ``classes`` holds; absent when none)."""
+    predicted = [classes[i] for i in np.asarray(probabilities).argmax(axis=1)]
+    return {**score(true, predicted), **calibration_scores(classes, probabilities, true)}
 
 
 # --------------------------------------------------------------------------- process setup
@@ -228,6 +247,19 @@ def _train_and_score(spec: JobSpec, work: Path) -> JobResult:
             }
         )
         challenger_rt = _runtime(challenger, spec)
+    embedded: dict[str, NDArray[np.float32]] = {}
+    calibration: dict[str, Any] = {"source": None, "reason": "no held-out examples"}
+    if holdout:
+        holdout_texts = [e.text for e in holdout]
+        embedded["holdout"] = cache.embed(champion_rt, holdout_texts)
+        if challenger_rt is not champion_rt:
+            embedded["challenger_holdout"] = challenger_rt.embed(holdout_texts)
+        challenger.head, calibration = calibrate_from(
+            challenger.head,
+            embedded.get("challenger_holdout", embedded["holdout"]),
+            [e.label for e in holdout],
+            spec.target_precision,
+        )
     save_model(challenger, work / "model")
     durations["train"] = time.perf_counter() - started
 
@@ -238,15 +270,17 @@ def _train_and_score(spec: JobSpec, work: Path) -> JobResult:
             continue
         texts = [e.text for e in examples]
         truth = [e.label for e in examples]
-        champion_emb = cache.embed(champion_rt, texts)
-        challenger_emb = champion_emb if challenger_rt is champion_rt else challenger_rt.embed(texts)
+        champion_emb = embedded.get(split)
+        if champion_emb is None:
+            champion_emb = cache.embed(champion_rt, texts)
+        challenger_emb = embedded.get(f"challenger_{split}")
+        if challenger_emb is None:
+            challenger_emb = champion_emb if challenger_rt is champion_rt else challenger_rt.embed(texts)
         for role, bundle, emb in (
             ("champion", champion, champion_emb),
             ("challenger", challenger, challenger_emb),
         ):
-            probabilities = bundle.head.predict_proba(emb)
-            predicted = [bundle.labels[i] for i in probabilities.argmax(axis=1)]
-            scores[role][split] = score(truth, predicted)
+            scores[role][split] = score_probabilities(bundle.labels, bundle.head.predict_proba(emb), truth)
     durations["evaluate"] = time.perf_counter() - started
     cache.save({e.text for e in train + holdout + trusted})
     return JobResult(
@@ -255,4 +289,5 @@ def _train_and_score(spec: JobSpec, work: Path) -> JobResult:
         train_examples=len(train),
         scores=scores,
         durations=durations,
+        calibration=calibration,
     )

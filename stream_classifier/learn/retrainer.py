@@ -4,7 +4,9 @@ One retraining run (:meth:`Retrainer.run_once`):
 
 1. **load** — take the feedback snapshot (train / held-out split) and the offsets it
    reflects, the champion's kept training examples and the trusted evaluation set;
-2. **train** and **evaluate** — in a separate, throttled process (:mod:`.challenger`);
+2. **train** and **evaluate** — in a separate, throttled process (:mod:`.challenger`),
+   which calibrates the challenger's head on the held-out split (``decision.target_precision``
+   fits its thresholds) and scores both models with ``ece`` and ``log_loss`` too;
 3. **gate** (:mod:`.gate`) — promote only if the challenger's held-out macro-F1 beats the
    champion's by more than ``min_improvement`` (a tie does not promote), its held-out
    accuracy does not fall, and, when a trusted set is configured, neither its macro-F1 nor
@@ -101,6 +103,7 @@ def job_spec(settings: Settings, champion_dir: Path, cache_dir: Path) -> JobSpec
         max_examples_per_label=settings.feedback.max_examples_per_label,
         seed=retrain.seed,
         training=training_options(retrain),
+        target_precision=dict(settings.decision.target_precision),
     )
 
 
@@ -166,6 +169,7 @@ class RunRecord:
     labels: list[str] = field(default_factory=list)
     examples: dict[str, int] = field(default_factory=dict)
     scores: dict[str, dict[str, Scores]] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # the challenger's (see challenger.py)
     durations: dict[str, float] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
@@ -326,6 +330,7 @@ class Retrainer:
             result = self._challenge(record, work, train, snapshot.holdout, trusted)
             record.challenger = result.version
             record.scores = result.scores
+            record.calibration = result.calibration
             record.durations.update({k: round(v, 3) for k, v in result.durations.items()})
             decision = gate(result.scores, min_improvement=retrain.min_improvement, trusted=bool(trusted))
             record.reason = decision.reason

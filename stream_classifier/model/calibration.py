@@ -250,3 +250,42 @@ def calibrate(
         thresholds=fitted.thresholds,
         threshold_targets={label: float(targets[label]) for label in fitted.thresholds},
     )
+
+
+def calibrate_from(
+    head: LinearHead,
+    embeddings: NDArray[Any],
+    truth: Sequence[str],
+    targets: Mapping[str, float],
+    *,
+    fit: HeadFit | None = None,
+    seed: int = 42,
+) -> tuple[LinearHead, dict[str, Any]]:
+    """``head`` calibrated on labelled ``embeddings``, and a summary of the fit.
+
+    Without ``fit`` the embeddings are held out (``source`` ``held-out``): their scores are
+    ``head``'s own. With ``fit`` they are the training examples (``cross-validation``):
+    scored out of fold by heads ``fit`` on the other folds; when a label has fewer than two
+    examples there are no folds, and ``head`` comes back unchanged (``source`` None, a
+    ``calibration_skipped`` event). The summary gives ``ece`` and ``log_loss`` before and
+    after on the examples the temperature was fitted on (in-sample for the ``after``).
+    """
+    source = "held-out" if fit is None else "cross-validation"
+    if fit is None:
+        scores: NDArray[np.float64] | None = head.scores(embeddings)
+    else:
+        scores = out_of_fold_scores(embeddings, truth, fit, head.classes, seed)
+    if scores is None:
+        reason = "a label has fewer than 2 training examples: no folds to score out of"
+        log_event(log, "calibration_skipped", logging.WARNING, reason=reason)
+        return head, {"source": None, "reason": reason, "temperature": head.temperature}
+    calibrated = calibrate(head, scores, truth, targets, source=source)
+    summary = {
+        "source": source,
+        "examples": len(truth),
+        "temperature": round(calibrated.temperature, 6),
+        "thresholds": calibrated.thresholds,
+        "before": calibration_scores(head.classes, head.probabilities_from_scores(scores, 1.0), truth),
+        "after": calibration_scores(head.classes, calibrated.probabilities_from_scores(scores), truth),
+    }
+    return calibrated, summary

@@ -82,6 +82,12 @@ def test_train_writes_the_model_and_a_json_summary(trained_dir: tuple[Path, dict
     assert metadata["version"] == summary["version"]
     assert metadata["metrics"]["eval"]["n"] == 4
     assert metadata["params"]["seed"] == 7
+    # Calibrated on --eval-data (its three known-label rows; "praise" left out of the fit).
+    calibration = summary["calibration"]
+    assert isinstance(calibration, dict) and calibration["source"] == "held-out"
+    assert calibration["examples"] == 4
+    head = json.loads((output / "head.json").read_text())
+    assert head.get("temperature", 1.0) == pytest.approx(calibration["temperature"], rel=1e-5)
 
 
 def test_eval_prints_metrics(
@@ -93,10 +99,32 @@ def test_eval_prints_metrics(
     assert {"accuracy", "macro_f1", "n", "per_class"} <= result.keys()
     assert result["n"] == 4
     assert result["version"] == summary["version"]
+    assert 0.0 <= result["ece"] <= 1.0 and result["log_loss"] > 0.0
     per_class = result["per_class"]
     assert isinstance(per_class, dict)
     assert per_class["praise"]["n"] == 1 and per_class["praise"]["recall"] == 0.0
     assert sum(c["n"] for c in per_class.values()) == 4
+
+
+def test_train_without_eval_data_calibrates_out_of_fold_and_fits_thresholds(
+    train_file: Path, tiny_body_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "model"
+    args = [
+        "train", "--data", str(train_file), "--base-model", str(tiny_body_path), "--output", str(output),
+        "--num-iterations", "1", "--epochs", "1", "--batch-size", "8", "--max-steps", "1",
+        "--device", "cpu", "--target-precision", "billing=0.0",
+    ]  # fmt: skip
+    assert main(args) == 0
+    (summary,) = _json_lines(capsys.readouterr().out)
+    calibration = summary["calibration"]
+    assert isinstance(calibration, dict) and calibration["source"] == "cross-validation"
+    assert calibration["examples"] == len(TRAIN_EXAMPLES)
+    # 4 billing examples: fewer than the 10 predictions a fitted threshold needs, so none.
+    assert calibration["thresholds"] == {}
+    assert "thresholds" not in json.loads((output / "head.json").read_text())
+    assert main([*args[:6], str(tmp_path / "other"), "--target-precision", "billing"]) == 2
+    assert "LABEL=PRECISION" in capsys.readouterr().err
 
 
 def test_predict_arguments(

@@ -57,9 +57,17 @@ def test_poisoned_feedback_is_rejected_by_the_trusted_set(
     # The poisoned held-out split alone would have promoted it ...
     assert scores["challenger"]["holdout"]["macro_f1"] > scores["champion"]["holdout"]["macro_f1"]
     # ... the trusted set did not.
-    assert "trusted" in record.reason
+    assert record.reason.startswith("trusted-set")
     assert scores["challenger"]["trusted"]["accuracy"] < scores["champion"]["trusted"]["accuracy"]
     assert store.current()[0] == seed_version
     assert [e.version for e in store.read().versions] == [seed_version]
     runs = metrics.registry.get_sample_value("stream_classifier_retrain_runs_total", {"outcome": "rejected"})
     assert runs == 1
+    # ece and log-loss are recorded for both roles and both splits, in the record and the gauge.
+    for role in ("champion", "challenger"):
+        for split in ("holdout", "trusted"):
+            for metric in ("ece", "log_loss"):
+                labels = {"role": role, "split": split, "metric": metric}
+                gauge = metrics.registry.get_sample_value("stream_classifier_retrain_score", labels)
+                assert gauge == pytest.approx(scores[role][split][metric])
+    assert "trusted ece" in record.reason

@@ -37,7 +37,8 @@ def test_full_mode_trains_body_and_head_in_the_child_process(
     assert record.outcome in {"promoted", "rejected"}, record
     assert record.challenger is not None
     assert set(record.durations) >= {"load", "train", "evaluate"}
-    assert record.scores["challenger"]["holdout"].keys() == {"macro_f1", "accuracy"}
+    assert record.scores["challenger"]["holdout"].keys() == {"macro_f1", "accuracy", "ece", "log_loss"}
+    assert record.calibration["source"] == "held-out"  # the challenger head was calibrated there
     assert record.reason  # the gate says why, either way
     assert "returns" in record.labels
     if record.outcome == "promoted":

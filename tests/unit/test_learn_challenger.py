@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from stream_classifier.config import Settings
-from stream_classifier.learn.challenger import _train_and_score, score, write_examples
+from stream_classifier.learn.challenger import _train_and_score, score_probabilities, write_examples
 from stream_classifier.learn.retrainer import job_spec
+from stream_classifier.model.calibration import calibrate_from
 from stream_classifier.model.examples import Example
 from stream_classifier.model.format import load_model
 from stream_classifier.model.runtime import ModelRuntime
@@ -48,6 +49,15 @@ def test_head_mode_fits_and_scores_at_the_serving_truncation(tiny_model_dir: Pat
     challenger = load_model(tmp_path / "model")
     np.testing.assert_allclose(challenger.head.coef, expected.coef, rtol=1e-5, atol=1e-7)
 
+    # The coefficients are fit_head's; the temperature was fitted on the held-out split.
     truth = [e.label for e in HOLDOUT]
-    served = serving.predict([e.text for e in HOLDOUT])
-    assert result.scores["champion"]["holdout"] == pytest.approx(score(truth, served))
+    holdout_embeddings = serving.embed([e.text for e in HOLDOUT])
+    assert challenger.head.temperature == pytest.approx(
+        calibrate_from(expected, holdout_embeddings, truth, {})[0].temperature, rel=1e-3
+    )
+    assert result.calibration["source"] == "held-out"
+    assert result.calibration["temperature"] == pytest.approx(challenger.head.temperature, rel=1e-5)
+    served = serving.predict_proba([e.text for e in HOLDOUT])
+    champion_scores = result.scores["champion"]["holdout"]
+    assert champion_scores == pytest.approx(score_probabilities(serving.labels, served, truth), abs=1e-5)
+    assert {"macro_f1", "accuracy", "ece", "log_loss"} <= result.scores["challenger"]["holdout"].keys()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from stream_classifier.learn.challenger import score
+import math
+
+import numpy as np
+import pytest
+
+from stream_classifier.learn.challenger import score, score_probabilities
 from stream_classifier.learn.feedback_set import FeedbackSnapshot
-from stream_classifier.learn.gate import gate
+from stream_classifier.learn.gate import calibration_note, gate
 from stream_classifier.learn.retrainer import merge_training_set
 from stream_classifier.model.examples import Example
 
@@ -67,3 +72,31 @@ def test_merge_prefers_feedback_and_never_trains_on_held_out_texts() -> None:
     kept = [Example("relabelled", "old"), Example("held", "y"), Example("kept", "x"), Example("fresh", "x")]
     merged = merge_training_set(snapshot, kept)
     assert merged == [Example("relabelled", "new"), Example("fresh", "x"), Example("kept", "x")]
+
+
+def test_score_probabilities_adds_ece_and_log_loss() -> None:
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    truth = ["a", "b", "b"]
+    got = score_probabilities(["a", "b"], probabilities, truth)
+    assert {k: got[k] for k in ("macro_f1", "accuracy")} == score(truth, ["a", "b", "a"])
+    assert got["log_loss"] == pytest.approx(-(math.log(0.9) + math.log(0.8) + math.log(0.4)) / 3)
+    # 0.9 right, 0.8 right, 0.6 wrong: each its own bin.
+    assert got["ece"] == pytest.approx((0.1 + 0.2 + 0.6) / 3)
+
+
+def test_the_gate_records_ece_and_log_loss_and_decides_without_them() -> None:
+    scores = _scores(0.5, 0.8)
+    plain = gate(scores, min_improvement=0.0, trusted=False)
+    assert plain.reason == "held-out macro-F1 +0.3000"
+    scores["champion"]["holdout"].update(ece=0.25, log_loss=0.9)
+    scores["challenger"]["holdout"].update(ece=0.5, log_loss=1.5)  # worse calibrated: still promoted
+    decision = gate(scores, min_improvement=0.0, trusted=False)
+    assert decision.promote
+    assert (
+        decision.reason
+        == "held-out macro-F1 +0.3000 (holdout ece 0.2500 -> 0.5000; holdout log-loss 0.9000 -> 1.5000)"
+    )
+    rejected = _scores(0.7, 0.7, trusted=(0.9, 0.6))
+    rejected["champion"]["trusted"]["ece"], rejected["challenger"]["trusted"]["ece"] = 0.1, 0.05
+    assert calibration_note(rejected) == " (trusted ece 0.1000 -> 0.0500)"
+    assert gate(rejected, min_improvement=0.0, trusted=True).reason.endswith(calibration_note(rejected))
