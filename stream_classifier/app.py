@@ -54,7 +54,9 @@ class App:
         self.health = HealthState(settings.metrics.liveness_timeout_s, ready_gauge=self.metrics.ready)
         self._runtime = runtime
         # The active-learning review hook unless the caller brings its own.
-        self._publish_hook = publish_hook or review_hook(settings.active_learning, self.metrics)
+        self._publish_hook = publish_hook or review_hook(
+            settings.active_learning, self.metrics, abstain_label=settings.decision.abstain_label
+        )
         self._with_ops = ops
         self._with_learning = learning
         self._stopping = threading.Event()

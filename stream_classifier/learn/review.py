@@ -1,12 +1,17 @@
 """Active learning: copy the predictions the model is unsure of to a review topic.
 
-A prediction is uncertain when its top probability is below
-``active_learning.threshold`` or the gap between its two highest probabilities is below
-``active_learning.margin``. Each uncertain prediction is copied, rate-capped by a token
-bucket (``max_per_second``, burst of one second's worth), as JSON::
+A prediction is copied when it abstained (its top label missed its threshold, with
+``decision.abstain_label`` set: reason ``abstained``), when its top probability is below
+``active_learning.threshold`` (``low_confidence``), or when the gap between its two highest
+probabilities is below ``active_learning.margin`` (``low_margin``). Each copy is
+rate-capped by a token bucket (``max_per_second``, burst of one second's worth), as JSON::
 
-    {"text": ..., "probabilities": {label: p}, "label": top label, "model_version": ...,
-     "source": {"topic", "partition", "offset"}, "reason": "low_confidence" | "low_margin"}
+    {"text": ..., "probabilities": {label: p}, "label": decided label, "model_version": ...,
+     "source": {"topic", "partition", "offset"}, "reason": ...}
+
+plus ``"top_label"`` for an abstention. With threshold and margin both 0 (their defaults)
+and no abstain label nothing can ever be copied: the router warns at start
+(``review_never_fires``).
 
 Labellers answer by writing ``{"text", "label"}`` (optionally with an ``id``) to a
 feedback topic, which closes the loop. The router is the service's publish hook: the
@@ -18,6 +23,7 @@ always published).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +31,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from stream_classifier.config import ActiveLearningSettings
+from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.codec import MODEL_VERSION_HEADER, OutgoingRecord
 from stream_classifier.stream.service import PublishedBatch, PublishHook
+
+logger = logging.getLogger(__name__)
 
 
 class TokenBucket:
@@ -74,10 +83,24 @@ class ReviewRouter:
     """The service's publish hook for active learning; see the module docstring."""
 
     def __init__(
-        self, settings: ActiveLearningSettings, metrics: Metrics, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: ActiveLearningSettings,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        abstain_label: str | None = None,
     ) -> None:
         if settings.topic is None:
             raise ValueError("ReviewRouter needs active_learning.topic")
+        if settings.threshold == 0 and settings.margin == 0 and abstain_label is None:
+            log_event(
+                logger,
+                "review_never_fires",
+                logging.WARNING,
+                topic=settings.topic,
+                hint="set active_learning.threshold or active_learning.margin above 0, or "
+                "decision.abstain_label with decision.thresholds, for anything to be copied",
+            )
         self._topic = settings.topic
         self._threshold = settings.threshold
         self._margin = settings.margin
@@ -87,7 +110,8 @@ class ReviewRouter:
     def __call__(self, batch: PublishedBatch) -> Iterator[tuple[int, OutgoingRecord]]:
         classes = list(batch.classes)
         for index, row in enumerate(batch.probabilities):
-            reason = uncertainty(row, self._threshold, self._margin)
+            abstained = bool(batch.abstained) and batch.abstained[index]
+            reason = "abstained" if abstained else uncertainty(row, self._threshold, self._margin)
             if reason is None:
                 continue
             if not self._bucket.take():
@@ -102,12 +126,16 @@ class ReviewRouter:
                 "source": {"topic": record.topic, "partition": record.partition, "offset": record.offset},
                 "reason": reason,
             }
+            if abstained:
+                payload["top_label"] = classes[int(np.argmax(row))]
             value = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
             headers = ((MODEL_VERSION_HEADER, batch.model_version.encode("utf-8")),)
             self._metrics.review_routed.inc()
             yield index, OutgoingRecord(self._topic, value, record.key, headers)
 
 
-def review_hook(settings: ActiveLearningSettings, metrics: Metrics) -> PublishHook | None:
+def review_hook(
+    settings: ActiveLearningSettings, metrics: Metrics, *, abstain_label: str | None = None
+) -> PublishHook | None:
     """The service's publish hook: a :class:`ReviewRouter` when a review topic is set, else None."""
-    return ReviewRouter(settings, metrics) if settings.topic else None
+    return ReviewRouter(settings, metrics, abstain_label=abstain_label) if settings.topic else None

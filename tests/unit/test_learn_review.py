@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 from stream_classifier.config import ActiveLearningSettings
@@ -81,3 +83,32 @@ def test_token_bucket_refills_at_its_rate_up_to_its_capacity() -> None:
     assert sum(bucket.take() for _ in range(10)) == 4
     clock.now += 0.5
     assert sum(bucket.take() for _ in range(10)) == 2
+
+
+def test_abstentions_are_copied_even_when_confident_with_their_top_label() -> None:
+    settings = ActiveLearningSettings(topic="review", max_per_second=100)  # threshold and margin 0
+    metrics = Metrics(CollectorRegistry())
+    router = ReviewRouter(settings, metrics, clock=FakeClock(), abstain_label="unknown")
+    batch = _batch([[0.85, 0.1, 0.05], [0.9, 0.05, 0.05]])
+    batch = PublishedBatch(
+        records=batch.records,
+        texts=batch.texts,
+        probabilities=batch.probabilities,
+        classes=batch.classes,
+        labels=["unknown", "a"],
+        model_version=batch.model_version,
+        abstained=[True, False],
+    )
+    out = list(router(batch))
+    assert [index for index, _ in out] == [0]
+    payload = json.loads(out[0][1].value or b"")
+    assert (payload["reason"], payload["label"], payload["top_label"]) == ("abstained", "unknown", "a")
+
+
+def test_a_review_topic_that_can_never_fire_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = Metrics(CollectorRegistry())
+    with caplog.at_level(logging.WARNING, logger="stream_classifier.learn.review"):
+        ReviewRouter(ActiveLearningSettings(topic="review"), metrics)
+        ReviewRouter(ActiveLearningSettings(topic="review"), metrics, abstain_label="unknown")
+        ReviewRouter(ActiveLearningSettings(topic="review", margin=0.1), metrics)
+    assert [r.getMessage() for r in caplog.records] == ["review_never_fires"]
