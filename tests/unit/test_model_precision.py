@@ -178,3 +178,18 @@ def test_int8_mode_is_not_probed(tiny_model_dir: Path, monkeypatch: pytest.Monke
     runtime = ModelRuntime.load(tiny_model_dir, device="cpu", quantize="int8", max_seq_length=32)
     runtime.warmup()
     assert (runtime.precision, runtime.precision_choice) == ("fp32", None)
+
+
+def test_the_settled_precision_is_the_model_info_label(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stream_classifier.learn.updates import load_runtime
+    from tests.fakes.harness import ServiceRig, unit_settings
+
+    monkeypatch.setattr(precision, "read_cpu_flags", lambda: NATIVE_BF16[0])
+    monkeypatch.setattr(precision, "MIN_BF16_SPEEDUP", 0.0)
+    settings = unit_settings(model={"device": "cpu"})
+    runtime = load_runtime(settings, tiny_model_dir)  # loads and warms, as serving does
+    rig = ServiceRig(settings, classifier=runtime)  # type: ignore[arg-type]  # a real runtime
+    info = {"version": runtime.version, "base_model": runtime.base_model, "device": "cpu"}
+    assert rig.metric("model_info", **info, precision="bf16") == 1
