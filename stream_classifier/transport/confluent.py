@@ -261,6 +261,11 @@ class ConfluentConsumer:
     def assignment(self) -> set[Partition]:
         return set(_partitions(_call("reading the assignment", self._consumer.assignment)))
 
+    def retained(self, revoked: Iterable[Partition]) -> set[Partition]:
+        # on_revoke runs before the partitions go (assignment() still lists them); one given
+        # back is read again from its committed offset, so no revoked partition keeps state.
+        return set()
+
     def position(self, partition: Partition) -> int:
         (tp,) = _call("reading the position", self._consumer.position, _tps([Partition(*partition)]))
         if tp.offset >= 0:

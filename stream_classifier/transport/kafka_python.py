@@ -242,6 +242,10 @@ class KafkaPythonConsumer:
     def assignment(self) -> set[Partition]:
         return {Partition(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
+    def retained(self, revoked: Iterable[Partition]) -> set[Partition]:
+        # Rebalance callbacks are dispatched after the rebalance: assignment() is the new one.
+        return set(revoked) & self.assignment()
+
     def position(self, partition: Partition) -> int:
         position = _call(
             "reading the position",
