@@ -30,7 +30,6 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -54,7 +53,7 @@ from sentence_transformers import SentenceTransformer
 from stream_classifier.errors import ModelError, UnsafeModelError
 from stream_classifier.model.examples import Example, read_examples
 from stream_classifier.model.head import LinearHead, calibration_from_json, head_from_state
-from stream_classifier.model.int8 import ensure_artifact
+from stream_classifier.model.int8 import ensure_artifact, sha256_file
 from stream_classifier.model.safe_pickle import CONVERT_SETFIT_HEAD_HELP, Captured, load_restricted
 from stream_classifier.ops.logs import log_event
 
@@ -171,14 +170,6 @@ def _head_from_trusted_pickle(path: Path, labels: list[str] | None) -> LinearHea
 # --------------------------------------------------------------------------- safe head format
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_safe_head(head: LinearHead, directory: Path, pickle_sha256: str) -> None:
     save_file(
         {"coef": np.ascontiguousarray(head.coef), "intercept": np.ascontiguousarray(head.intercept)},
@@ -218,7 +209,7 @@ def _read_safe_head(directory: Path) -> LinearHead | None:
         found = f"{spec.get('format')!r} v{spec.get('format_version')!r}"
         raise ModelError(f"{spec_path}: unknown head format {found}; upgrade stream-classifier")
     pkl = directory / SETFIT_HEAD
-    if pkl.is_file() and spec.get("model_head_pkl_sha256") != _sha256_file(pkl):
+    if pkl.is_file() and spec.get("model_head_pkl_sha256") != sha256_file(pkl):
         log_event(log, "model_safe_head_stale", level=logging.WARNING, path=str(directory))
         return None
     missing = sorted({"coef", "intercept"} - tensors.keys())
@@ -307,7 +298,7 @@ def _read_metadata(directory: Path, head: LinearHead) -> ModelMetadata:
     source = directory / SETFIT_HEAD if (directory / SETFIT_HEAD).is_file() else directory / SAFE_HEAD_TENSORS
     mtime = datetime.fromtimestamp(source.stat().st_mtime, UTC)
     return ModelMetadata(
-        version=f"setfit-{_sha256_file(source)[:12]}",
+        version=f"setfit-{sha256_file(source)[:12]}",
         created_at=mtime.isoformat(timespec="seconds").replace("+00:00", "Z"),
         base_model=str(directory),
         labels=head.classes,
@@ -361,7 +352,7 @@ def save_model(bundle: ModelBundle, path: Path | str, *, overwrite: bool = False
         config = {"normalize_embeddings": bundle.normalize_embeddings, "labels": labels}
         (staging / SETFIT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
         joblib.dump(bundle.head.to_sklearn(np.arange(len(labels))), staging / SETFIT_HEAD)
-        _write_safe_head(bundle.head, staging, _sha256_file(staging / SETFIT_HEAD))
+        _write_safe_head(bundle.head, staging, sha256_file(staging / SETFIT_HEAD))
         # Re-validated: callers may have updated fields with plain dicts via model_copy(update=...).
         metadata = ModelMetadata.model_validate({**dict(bundle.metadata), "labels": labels})
         (staging / METADATA_FILE).write_text(metadata.model_dump_json(indent=2), encoding="utf-8")

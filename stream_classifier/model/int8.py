@@ -157,7 +157,8 @@ def _import_onnxruntime() -> Any:
     return onnxruntime
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB pieces."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -220,7 +221,7 @@ def read_artifact(directory: Path, fingerprint: str) -> Path | None:
             raise ValueError(f"format {spec.get('format')!r} v{spec.get('format_version')!r}")
         if spec.get("body_fingerprint") != fingerprint:
             raise ValueError("built from another body (its fingerprint differs from the loaded body's)")
-        if spec.get("model_sha256") != _sha256_file(model):
+        if spec.get("model_sha256") != sha256_file(model):
             raise ValueError(f"{ARTIFACT_MODEL} is not the file that was hashed")
     except (OSError, ValueError, RecursionError) as exc:
         log_event(
@@ -249,7 +250,7 @@ def ensure_artifact(directory: Path) -> bool:
             "format": ARTIFACT_FORMAT,
             "format_version": ARTIFACT_FORMAT_VERSION,
             "body_fingerprint": fingerprint,
-            "model_sha256": _sha256_file(work / ARTIFACT_MODEL),
+            "model_sha256": sha256_file(work / ARTIFACT_MODEL),
             "onnx_opset": ONNX_OPSET,
             "quantisation": "dynamic; int8 weights per output channel, activations per tensor",
         }
