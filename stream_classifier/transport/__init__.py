@@ -20,6 +20,7 @@ from stream_classifier.transport.base import (
     Record,
     Transport,
 )
+from stream_classifier.transport.client_config import require_tls_files
 from stream_classifier.transport.reader import TopicReader, make_reader, offsets_key
 
 __all__ = [
@@ -39,7 +40,11 @@ __all__ = [
 
 
 def make_transport(settings: KafkaSettings) -> Transport:
-    """The transport named by ``settings.transport`` (its client is imported only then)."""
+    """The transport named by ``settings.transport`` (its client is imported only then).
+
+    Raises :class:`~stream_classifier.errors.ConfigError` for a TLS file that cannot be read.
+    """
+    require_tls_files(settings)
     if settings.transport == "confluent":
         from stream_classifier.transport.confluent import ConfluentTransport  # noqa: PLC0415 - [fast] extra
 

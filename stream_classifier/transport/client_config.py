@@ -6,6 +6,7 @@ and nothing else: :func:`describe_client_config` is the only loggable view.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,34 @@ def kafka_python_common_config(k: KafkaSettings) -> dict[str, Any]:
         )
     )
     return cfg
+
+
+_TLS_FILES = {
+    "ssl_cafile": "the CA certificate(s) that signed the brokers' certificates (PEM)",
+    "ssl_certfile": "the client certificate (PEM)",
+    "ssl_keyfile": "the client certificate's private key (PEM)",
+}
+
+
+def require_tls_files(k: KafkaSettings) -> None:
+    """Raise :class:`ConfigError` naming the setting and the file when a TLS file that is set
+    cannot be read. Both clients would otherwise retry the connection for ever (kafka-python
+    fails each handshake as a connection error), which no retry can cure."""
+    if k.security_protocol not in ("SSL", "SASL_SSL"):
+        return
+    for setting, what in _TLS_FILES.items():
+        path: Path | None = getattr(k, setting)
+        if path is None:
+            continue
+        if not path.is_file():
+            problem = "does not exist" if not path.exists() else "is not a file"
+        elif not os.access(path, os.R_OK):
+            problem = "cannot be read by this process"
+        else:
+            continue
+        raise ConfigError(
+            f"setting 'kafka.{setting}' names {str(path)!r}, which {problem}: give the path of {what}"
+        )
 
 
 def security_config(k: KafkaSettings, **client_names: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Literal, Protocol
 from stream_classifier.config import KafkaSettings
 from stream_classifier.errors import BrokerUnavailableError, TransportError
 from stream_classifier.transport.base import Partition, Record
+from stream_classifier.transport.client_config import require_tls_files
 
 Start = Literal["beginning", "end"]
 DEFAULT_WAIT_FOR_TOPICS_S = 30.0
@@ -147,7 +148,9 @@ def make_reader(
     start: Start,
     wait_for_topics_s: float = DEFAULT_WAIT_FOR_TOPICS_S,
 ) -> TopicReader:
-    """A reader of ``topics`` from ``start`` with the client named by ``settings.transport``."""
+    """A reader of ``topics`` from ``start`` with the client named by ``settings.transport``;
+    :class:`~stream_classifier.errors.ConfigError` for a TLS file that cannot be read."""
+    require_tls_files(settings)
     if settings.transport == "confluent":
         from stream_classifier.transport.confluent_reader import ConfluentReader  # noqa: PLC0415 - [fast]
 

@@ -178,3 +178,25 @@ def test_librdkafka_oidc_passes_through_to_every_client_the_transport_makes() ->
     ck.Consumer(consumer).close()
     ck.Consumer(reader).close()
     ck.Producer(producer).flush(0)
+
+
+@pytest.mark.parametrize("setting", ["ssl_cafile", "ssl_certfile", "ssl_keyfile"])
+@pytest.mark.parametrize("client", ["kafka-python", "confluent"])
+def test_a_tls_file_that_cannot_be_read_is_fatal_and_named(tmp_path: Path, setting: str, client: str) -> None:
+    files = {name: tmp_path / f"{name}.pem" for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")}
+    for path in files.values():
+        path.write_text("-----BEGIN CERTIFICATE-----\n")
+    missing = tmp_path / "gone" / "client.pem"
+    settings = KafkaSettings(security_protocol="SSL", transport=client, **{**files, setting: missing})
+    for make in (
+        lambda: transport.make_transport(settings),
+        lambda: transport.make_reader(settings, ["fb"], start="beginning"),
+    ):
+        with pytest.raises(ConfigError, match=rf"'kafka\.{setting}' names '{missing}', which does not exist"):
+            make()
+    directory = KafkaSettings(security_protocol="SASL_SSL", **{setting: tmp_path})
+    with pytest.raises(ConfigError, match="is not a file"):
+        transport.make_transport(directory)
+    # Files that are there pass; PLAINTEXT ignores the TLS settings.
+    transport.make_transport(KafkaSettings(security_protocol="SSL", transport=client, **files))
+    transport.make_transport(KafkaSettings(**{setting: missing}))
