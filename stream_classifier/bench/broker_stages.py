@@ -1,4 +1,5 @@
-"""The bench's stages through the real broker and the real service: pipeline, naive, latency."""
+"""The bench's stages through the real broker and the real service: pipeline, outputs (plain
+against routed and enriched), naive, latency."""
 
 from __future__ import annotations
 
@@ -46,9 +47,16 @@ def produce_backlog(bootstrap: str, topic: str, values: Iterable[bytes]) -> None
 
 
 def _service_settings(
-    bootstrap: str, topics: dict[str, str], runtime: Any, *, transport: str, batch: int
+    bootstrap: str,
+    topics: dict[str, str],
+    runtime: Any,
+    *,
+    transport: str,
+    batch: int,
+    sections: dict[str, Any] | None = None,
 ) -> Any:
     return Settings(
+        **(sections or {}),
         kafka={
             "bootstrap_servers": [bootstrap],
             "group_id": f"bench-{uuid.uuid4().hex[:8]}",
@@ -102,18 +110,21 @@ def stage_pipeline(
     batch: int,
     timeout_s: float,
     bare_rate: Callable[[], float] | None = None,
+    sections: Callable[[dict[str, str]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Drain a backlog of ``texts`` through the service; with ``bare_rate``, the bare runtime's
     rate is measured right before and right after the drain (``bare_before``/``bare_after``),
     and the pipeline's ratio to bare is taken against their mean: the VM's drift over the
-    minutes between the bare stage and this one (±10 %) is larger than the gap measured."""
+    minutes between the bare stage and this one (±10 %) is larger than the gap measured.
+    ``sections``: more settings sections, from the stage's topics (e.g. routes)."""
     before = on_a_passing_thread(bare_rate) if bare_rate else None
     topics = _topics(bootstrap, partitions=4)
     n = len(texts)
     produce_backlog(
         bootstrap, topics["in"], [json.dumps({"text": t, "id": str(i)}).encode() for i, t in enumerate(texts)]
     )
-    settings = _service_settings(bootstrap, topics, runtime, transport=transport, batch=batch)
+    extra = sections(topics) if sections is not None else None
+    settings = _service_settings(bootstrap, topics, runtime, transport=transport, batch=batch, sections=extra)
     deadline = time.monotonic() + timeout_s
     # Checked every _WATCH_S: often enough for the timing, rarely enough to leave the CPU to
     # the service (reading the counters every 2 ms took 6 % of it on 2 cores).
@@ -140,6 +151,57 @@ def stage_pipeline(
         after = on_a_passing_thread(bare_rate)
         result |= {"bare_before": round(before, 1), "bare_after": round(after, 1)}
     return result
+
+
+def _routed_and_enriched(bootstrap: str, runtime: Any) -> Callable[[dict[str, str]], dict[str, Any]]:
+    """Settings sections: the first label routed to a topic of its own, the input carried whole."""
+
+    def sections(topics: dict[str, str]) -> dict[str, Any]:
+        routed = f"{topics['out']}-routed"
+        create_topics(bootstrap, [routed], partitions=1)
+        return {"output": {"routes": {runtime.labels[0]: routed}, "include_input": "original"}}
+
+    return sections
+
+
+def stage_outputs(
+    bootstrap: str,
+    runtime: Any,
+    texts: Sequence[str],
+    *,
+    transport: str,
+    batch: int,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """The pipeline with plain outputs against routing plus ``include_input: original``, in one
+    run: plain, enriched, enriched, plain (each drain a fresh backlog and service), so that a
+    drift of the machine over the stage cancels out of the ratio. Meaningful with a model that
+    leaves the I/O thread the bottleneck (``--random-arch tiny``)."""
+    enriched = _routed_and_enriched(bootstrap, runtime)
+    runs: dict[str, list[float]] = {"plain": [], "enriched": []}
+    for kind in ("plain", "enriched", "enriched", "plain"):
+        result = stage_pipeline(
+            bootstrap,
+            runtime,
+            texts,
+            transport=transport,
+            batch=batch,
+            timeout_s=timeout_s,
+            sections=enriched if kind == "enriched" else None,
+        )
+        if "incomplete" in result:
+            return {"incomplete": f"{kind}: {result['incomplete']}", "runs": runs}
+        runs[kind].append(float(result["msg_per_s"]))
+    plain, rich = (sum(v) / len(v) for v in (runs["plain"], runs["enriched"]))
+    return {
+        "plain_msg_per_s": round(plain, 1),
+        "enriched_msg_per_s": round(rich, 1),
+        "enriched_vs_plain": round(rich / plain, 3) if plain else 0.0,
+        "runs": runs,
+        "messages": len(texts),
+        "transport": transport,
+        "batch": batch,
+    }
 
 
 def stage_naive(bootstrap: str, runtime: Any, texts: Sequence[str], seconds: float) -> dict[str, Any]:
