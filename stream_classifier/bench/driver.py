@@ -19,7 +19,13 @@ from typing import Any, TextIO
 
 import torch
 
-from stream_classifier.bench.broker_stages import bench_broker, stage_latency, stage_naive, stage_pipeline
+from stream_classifier.bench.broker_stages import (
+    bench_broker,
+    stage_latency,
+    stage_naive,
+    stage_outputs,
+    stage_pipeline,
+)
 from stream_classifier.bench.options import BenchOptions, Results
 from stream_classifier.bench.stages import (
     DISTINCT_TEXTS,
@@ -158,6 +164,21 @@ def run_bench(options: BenchOptions, out: TextIO) -> Results:
                         bare_rate=lambda: rate(runtime, bench_sample, batch, min_s),
                     ),
                 )
+            if "outputs" in stages:  # not a default stage: plain vs routed + include_input=original
+                _timed(
+                    results,
+                    "outputs",
+                    out,
+                    functools.partial(
+                        stage_outputs,
+                        bootstrap,
+                        runtime,
+                        texts,
+                        transport=options.transports[0],
+                        batch=batch,
+                        timeout_s=options.stage_timeout_s,
+                    ),
+                )
             if "naive" in stages:
                 seconds = 5.0 if options.quick else 15.0
                 _timed(results, "naive", out, lambda: stage_naive(bootstrap, runtime, texts[:5_000], seconds))
@@ -228,6 +249,8 @@ def ratios(stages: dict[str, Any]) -> dict[str, float]:
             found[f"{variant}_accuracy_delta_points"] = round(
                 100 * (values["accuracy"] - fp32["accuracy"]), 2
             )
+    if stages.get("outputs", {}).get("enriched_vs_plain"):
+        found["outputs enriched/plain"] = float(stages["outputs"]["enriched_vs_plain"])
     setfit = rate("setfit")
     if setfit and bare:
         found["bare/setfit"] = round(bare / setfit, 2)
