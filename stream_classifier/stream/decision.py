@@ -50,6 +50,11 @@ class Decider:
         self._configured = dict(settings.thresholds)
 
     @property
+    def configured_labels(self) -> list[str]:
+        """The labels ``decision.thresholds`` names."""
+        return list(self._configured)
+
+    @property
     def active(self) -> bool:
         """Whether a message can abstain (an abstain label is set)."""
         return self.abstain_label is not None

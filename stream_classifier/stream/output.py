@@ -101,6 +101,21 @@ class Publisher:
         self._metrics = metrics
         self._publish_hook = publish_hook
 
+    def check_labels(self, labels: Sequence[str], version: str) -> None:
+        """Warn about thresholds and routes naming a label this model does not have (a typo, or a
+        label the model lost): they never apply to it."""
+        known = {*labels, self._decider.abstain_label}
+        unknown = sorted({*self._decider.configured_labels, *self._routes} - known)
+        if unknown:
+            log_event(
+                logger,
+                "decision_labels_unknown",
+                logging.WARNING,
+                labels=unknown,
+                model_version=version,
+                model_labels=list(labels),
+            )
+
     @property
     def output_topics(self) -> list[str]:
         """Every topic an output can go to."""

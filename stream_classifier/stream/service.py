@@ -436,4 +436,5 @@ class StreamService:
         )
         abstain_label = self._settings.decision.abstain_label
         self.metrics.preset_model(runtime.version, runtime.labels, abstain_label=abstain_label)
+        self._publisher.check_labels(runtime.labels, runtime.version)
         self.health.set_model_loaded(True)

@@ -7,6 +7,7 @@ read back from the fake topics, offsets from the fake group, metrics through the
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
 
 import pytest
@@ -202,3 +203,17 @@ def test_the_publish_hook_sees_the_decisions() -> None:
         rig.send("hello")
         rig.wait(lambda: len(rig.outputs()) == 2 and rig.committed_to_end())
     assert seen == [("unknown", True), ("ham", False)]
+
+
+def test_thresholds_and_routes_naming_labels_the_model_lacks_are_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = unit_settings(
+        decision={"thresholds": {"spma": 0.9, "spam": 0.9}, "abstain_label": "unknown"},
+        output={"routes": {"unknown": "review", "hma": "elsewhere"}},
+    )
+    with caplog.at_level(logging.WARNING, logger="stream_classifier.stream.output"):
+        ServiceRig(settings)
+    warned = [r for r in caplog.records if r.getMessage() == "decision_labels_unknown"]
+    assert len(warned) == 1
+    assert warned[0].sc_fields["labels"] == ["hma", "spma"]  # type: ignore[attr-defined]
