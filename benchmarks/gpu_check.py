@@ -202,7 +202,7 @@ def main() -> int:
         record("workers", {"status": "skipped", "reason": f"{', '.join(missing(BROKER))} missing"})
     else:
         workers_json = args.out / "workers.json.tmp"
-        box = 35.0 if not dry else 90.0
+        box = min(35.0 if not dry else 90.0, budget.left() - 5)  # the runs inside fit what is left
         argv = [sys.executable, str(REPO / "benchmarks" / "workers_scaling.py"), "--arch", "minilm"]
         argv += ["--device", "cpu" if dry else "cuda", "--precision", "fp32" if dry else "auto"]
         argv += ["--processes", "2", "--messages", "64" if dry else "60000", "--box-s", str(box - 5)]
