@@ -8,11 +8,15 @@ of an item encodes as UTF-8 (JSON ``\\u`` escapes can carry lone surrogates: suc
 labels and ids are rejected), and a label is at most ``feedback.max_label_chars``
 printable characters (no control, format or separator character but the space).
 
-:class:`FeedbackReader` invariants: no record and no failure ends its thread. A record
-that raises unexpectedly is dead-lettered as ``processing_failed`` (coordinates and reason
-only) and counted; a failure of the read loop is logged, counted and retried with a
+:class:`FeedbackReader` invariants: no record and no failure that may pass ends its thread.
+A record that raises unexpectedly is dead-lettered as ``processing_failed`` (coordinates and
+reason only) and counted; a failure of the read loop is logged, counted and retried with a
 backoff that grows, resuming after the last record taken, and :attr:`FeedbackReader.error`
-says what failed until a poll succeeds again.
+says what failed until a poll succeeds again. A failure no retry can cure (a
+:class:`~stream_classifier.errors.TransportError` such as a topic the ACLs deny, whose
+message names the topic, or a :class:`~stream_classifier.errors.ConfigError`) ends the
+thread: it is logged once as ``feedback_reader_stopped`` and stays in ``error``, so every
+retraining request is answered ``failed`` with it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from stream_classifier.config import FeedbackSettings, Settings
-from stream_classifier.errors import BrokerUnavailableError, ConfigError
+from stream_classifier.errors import BrokerUnavailableError, ConfigError, RecordRejectedError, TransportError
 from stream_classifier.learn.feedback_set import FeedbackBounds, FeedbackItem, FeedbackSet, FeedbackSnapshot
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import DeadLetterReason, FeedbackDropReason, Metrics
@@ -160,27 +164,46 @@ class FeedbackReader:
     def run(self) -> None:
         """Read until stopped; the first pass to the end offsets sets :attr:`caught_up`.
 
-        Never returns before :meth:`stop`: a failure is logged, counted, kept in
-        :attr:`error` and retried with a backoff that grows (see the module docstring).
+        Returns only after :meth:`stop`, or on a failure no retry can cure; any other failure
+        is logged, counted, kept in :attr:`error` and retried with a backoff that grows (see
+        the module docstring).
         """
         backoff = Backoff("feedback_reader", min_s=_RETRY_MIN_S, max_s=_RETRY_MAX_S)
         while not self._stop.is_set():
             try:
                 self._read(backoff)
-            except Exception as exc:  # the reader outlives every failure, retrying
+            except (TransportError, ConfigError) as exc:
+                if isinstance(exc, RecordRejectedError):  # one record refused: the loop goes on
+                    self._failed(exc, backoff)
+                    continue
                 self.error = exc
                 self._metrics.feedback_reader_errors.labels(stage="read").inc()
-                delay = backoff.failed(exc)
                 log_event(
                     logger,
-                    "feedback_reader_failed",
+                    "feedback_reader_stopped",
                     logging.ERROR,
                     error=f"{type(exc).__name__}: {exc}",
-                    retry_in_s=delay,
-                    caught_up=self.caught_up.is_set(),
-                    exc_info=exc,
+                    topics=list(self._settings.feedback.topics),
                 )
-                self._stop.wait(delay)
+                return
+            except Exception as exc:  # the reader outlives every other failure, retrying
+                self._failed(exc, backoff)
+
+    def _failed(self, exc: Exception, backoff: Backoff) -> None:
+        """One failure of the read loop that may pass: kept, counted, logged, waited out."""
+        self.error = exc
+        self._metrics.feedback_reader_errors.labels(stage="read").inc()
+        delay = backoff.failed(exc)
+        log_event(
+            logger,
+            "feedback_reader_failed",
+            logging.ERROR,
+            error=f"{type(exc).__name__}: {exc}",
+            retry_in_s=delay,
+            caught_up=self.caught_up.is_set(),
+            exc_info=exc,
+        )
+        self._stop.wait(delay)
 
     def stop(self) -> None:
         self._stop.set()

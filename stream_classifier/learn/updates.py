@@ -23,18 +23,21 @@ from pathlib import Path
 from typing import Any
 
 from stream_classifier.config import Settings
-from stream_classifier.errors import BrokerUnavailableError, ConfigError, StreamClassifierError
+from stream_classifier.errors import ConfigError, StreamClassifierError
 from stream_classifier.learn.store import ModelStore, VersionEntry
 from stream_classifier.model.format import METADATA_FILE, ModelMetadata, load_model
 from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
+from stream_classifier.stream.backoff import Backoff
 from stream_classifier.transport import Producer, TopicReader, make_reader
 
 logger = logging.getLogger(__name__)
 
 ANNOUNCEMENT_KEY = b"current"
 _ANNOUNCE_TIMEOUT_S = 10.0
+_REOPEN_MIN_S = 1.0  # the updates reader is opened again after this, doubling on each failure
+_REOPEN_MAX_S = 60.0
 
 
 def encode_announcement(store: ModelStore, entry: VersionEntry) -> bytes:
@@ -203,28 +206,34 @@ class UpdatesFollower:
             )
 
     def run(self) -> None:
+        """Follow until stopped. The manifest is read every ``retrain.manifest_poll_s`` whatever
+        the updates topic does; a reader that fails (broker down, topic denied) is given up and
+        opened again after a backoff that doubles from 1 s to 60 s, logged once per change of
+        state (``model_updates_unavailable``, ``model_updates_available``)."""
         retrain = self._settings.retrain
+        backoff = Backoff("model_updates", min_s=_REOPEN_MIN_S, max_s=_REOPEN_MAX_S)
         reader: TopicReader | None = None
-        next_check = 0.0
+        next_check = reopen_at = 0.0
         try:
             while not self._stop.is_set():
-                if reader is None:
-                    reader = self._open_reader()
+                if reader is None and time.monotonic() >= reopen_at:
+                    reader = self._open_reader(backoff)
+                    if reader is None:
+                        reopen_at = time.monotonic() + backoff.delay_s
                 announced = False
                 if reader is not None:
                     try:
                         announced = bool(reader.poll(0.5))
-                    except BrokerUnavailableError as exc:
-                        log_event(logger, "model_updates_read_retry", logging.WARNING, error=str(exc))
-                        self._stop.wait(1.0)
+                        backoff.ok()
                     except StreamClassifierError as exc:
-                        # Refused for good (ACLs, credentials): reopen later; the manifest poll goes on.
-                        log_event(logger, "model_updates_unavailable", logging.WARNING, error=str(exc))
+                        # Broker gone, or refused for good (ACLs, credentials): reopen later;
+                        # the manifest poll goes on meanwhile.
                         reader.close()
                         reader = None
-                        self._stop.wait(1.0)
+                        reopen_at = time.monotonic() + backoff.failed(exc)
                 else:
-                    self._stop.wait(1.0)
+                    wake = min(reopen_at, next_check, time.monotonic() + 1.0)
+                    self._stop.wait(max(0.05, wake - time.monotonic()))
                 if announced or time.monotonic() >= next_check:
                     self.check()
                     next_check = time.monotonic() + retrain.manifest_poll_s
@@ -232,7 +241,7 @@ class UpdatesFollower:
             if reader is not None:
                 reader.close()
 
-    def _open_reader(self) -> TopicReader | None:
+    def _open_reader(self, backoff: Backoff) -> TopicReader | None:
         try:
             # From the end: what is current now comes from the manifest, not from history.
             return make_reader(
@@ -242,5 +251,12 @@ class UpdatesFollower:
                 wait_for_topics_s=5.0,
             )
         except StreamClassifierError as exc:
-            log_event(logger, "model_updates_unavailable", logging.WARNING, error=str(exc))
+            backoff.failed(exc)
+            log_event(
+                logger,
+                "model_updates_reader_retry",
+                logging.DEBUG,
+                error=str(exc),
+                retry_in_s=backoff.delay_s,
+            )
             return None

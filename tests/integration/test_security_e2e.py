@@ -450,6 +450,10 @@ def test_a_denied_feedback_topic_is_named_and_fails_for_good(
         wait_until(lambda: reader.error is not None, 30, "the feedback reader's error")
         assert isinstance(reader.error, TransportError) and fb in str(reader.error)
         assert not reader.caught_up.is_set()
+        # It stops by itself (serve retried every 30 s for ever), its error kept for retrain requests.
+        thread.join(15)
+        assert not thread.is_alive(), "the feedback reader went on retrying a denied topic"
+        assert isinstance(reader.error, TransportError) and fb in str(reader.error)
     finally:
         reader.stop()
         thread.join(40)
