@@ -59,6 +59,7 @@ PROBE_TOKENS = 4_096
 PROBE_ROUNDS = 3
 PROBE_BUDGET_S = 2.0
 PROBE_MIN_ROWS = 4
+PROBE_CALIBRATION_ROWS = 8
 _PROBE_VOCABULARY = (
     "order refund parcel account password invoice delivery payment error screen app login "
     "shipping address late charged twice card support message update version crash week "
@@ -198,14 +199,15 @@ def probe_bf16(
         return time.perf_counter() - begin, probabilities
 
     try:
+        # A small pass first (it also warms fp32) prices a row, so that the probe's batch fits
+        # the budget: 2 warm passes and 2 per round, bf16 priced as fp32.
+        small = min(rows, PROBE_CALIBRATION_ROWS)
+        first, _ = timed("fp32", runtime.prepare(probe_texts(small, length - 2)))
+        per_row = first / small
+        if per_row > 0:
+            rows = max(PROBE_MIN_ROWS, min(rows, int(budget_s / (per_row * (2 + 2 * rounds)))))
         batch = runtime.prepare(probe_texts(rows, length - 2))
-        first, reference = timed("fp32", batch)  # warms fp32: later passes cost at most this
-        # The warm passes and 2 per round must fit the budget: fewer rows if they would not.
-        affordable = int(rows * budget_s / (first * (2 + 2 * rounds))) if first > 0 else rows
-        if affordable < rows and rows > PROBE_MIN_ROWS:
-            rows = max(PROBE_MIN_ROWS, affordable)
-            batch = runtime.prepare(probe_texts(rows, length - 2))
-            _, reference = timed("fp32", batch)
+        _, reference = timed("fp32", batch)
         _, low = timed("bf16", batch)  # the first bf16 pass builds its kernels: not timed
         times: dict[str, list[float]] = {"fp32": [], "bf16": []}
         for _ in range(rounds):
