@@ -101,7 +101,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         metrics = evaluate(runtime, eval_examples)
         bundle.metadata = bundle.metadata.model_copy(update={"metrics": {"eval": metrics}})
         summary["eval"] = metrics
-    save_model(bundle, args.output)
+    save_model(bundle, args.output, int8=args.int8)
     _emit(summary)
     return 0
 
@@ -340,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit LABEL's threshold to reach precision P on the calibration data (repeatable)",
     )
     p.add_argument("--skip-bad-rows", action="store_true")
+    p.add_argument("--int8", action="store_true", help="also build int8 mode's body into the directory")
     _add_runtime(p)
 
     p = add("eval", _cmd_eval, "Evaluate a model directory on a labelled data file.")
