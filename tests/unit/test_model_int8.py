@@ -17,6 +17,7 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
+from stream_classifier.cli import main
 from stream_classifier.errors import ModelError
 from stream_classifier.learn.store import ModelStore
 from stream_classifier.model import int8
@@ -222,3 +223,19 @@ def test_setfit_loads_a_directory_with_int8(int8_dir: Path, tmp_path: Path) -> N
     by_setfit = np.array(json.loads(done.stdout.strip().splitlines()[-1]))
     ours = ModelRuntime.load(int8_dir, device="cpu", precision="fp32").predict_proba(TEXTS)
     np.testing.assert_allclose(by_setfit, ours, atol=1e-4)
+
+
+def test_train_with_int8_saves_the_int8_body(
+    tiny_body_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n" for e in TRAIN_EXAMPLES))
+    output = tmp_path / "model"
+    args = [
+        "train", "--data", str(data), "--base-model", str(tiny_body_path), "--output", str(output),
+        "--num-iterations", "1", "--epochs", "1", "--batch-size", "8", "--max-steps", "1",
+        "--device", "cpu", "--int8",
+    ]  # fmt: skip
+    assert main(args) == 0
+    refuse_export(monkeypatch)
+    ModelRuntime.load(output, device="cpu", quantize="int8").predict_proba(TEXTS)
