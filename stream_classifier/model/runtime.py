@@ -311,10 +311,15 @@ class ModelRuntime:
             )
         columns = {key: encoded[key] for key in self._pad_values if key in encoded}
         lengths = [len(ids) for ids in columns["input_ids"]]
-        chunks = [
-            Chunk(positions, self._pad(columns, positions, lengths))
-            for positions in plan_chunks(lengths, self.token_budget, self._pass_cost_tokens)
-        ]
+        try:
+            chunks = [
+                Chunk(positions, self._pad(columns, positions, lengths))
+                for positions in plan_chunks(lengths, self.token_budget, self._pass_cost_tokens)
+            ]
+        except RuntimeError as exc:  # pinning is a CUDA call: a failed context can surface here first
+            if is_device_failure(exc):
+                raise self._device_failed(exc) from exc
+            raise
         return PreparedBatch(len(texts), chunks)
 
     def _pad(
@@ -393,13 +398,16 @@ class ModelRuntime:
                     gather(pieces, output)
         except RuntimeError as exc:
             if is_device_failure(exc):
-                raise DeviceFailedError(
-                    f"the {self.device} device failed and its context is unusable ({str(exc)[:300]}): "
-                    "the process stops so that it restarts with a fresh one; if this repeats, check the "
-                    "GPU's health (nvidia-smi, the kernel log's Xid errors) and the model's inputs"
-                ) from exc
+                raise self._device_failed(exc) from exc
             raise
         return output
+
+    def _device_failed(self, exc: RuntimeError) -> DeviceFailedError:
+        return DeviceFailedError(
+            f"the {self.device} device failed and its context is unusable ({str(exc)[:300]}): "
+            "the process stops so that it restarts with a fresh one; if this repeats, check the "
+            "GPU's health (nvidia-smi, the kernel log's Xid errors) and the model's inputs"
+        )
 
     def _compute_splitting(
         self, chunk: Chunk, compute: ChunkCompute, autocast: torch.dtype | None

@@ -418,6 +418,21 @@ def test_device_side_cuda_errors_are_fatal(
         tiny_runtime.predict_proba(["a", "b"])
 
 
+def test_a_failed_device_surfacing_in_prepare_is_fatal_too(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A sticky CUDA error surfaces at the next CUDA call, which may be the pinning in prepare.
+    runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32")
+    runtime._pin = True  # as on CUDA
+
+    def failing_pin(self: torch.Tensor, *args: object) -> torch.Tensor:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", failing_pin)
+    with pytest.raises(DeviceFailedError, match="context is unusable"):
+        runtime.prepare(["a", "b"])
+
+
 def test_other_errors_are_not_device_failures(
     tiny_runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
