@@ -9,10 +9,11 @@ Invariants:
 - **A rewind** (a failed delivery, a broken runtime) re-reads a partition from its oldest
   pending message; its commit point stays, so the acknowledged prefix is still committed.
 - **A revoke or loss** drops the partitions' in-flight messages uncommitted. A partition
-  this consumer still holds (kafka-python revoked and re-assigned it, keeping its fetch
-  position) is sought back to its oldest dropped message; one that moved elsewhere is read
-  by its new owner from the committed offset. Up to the in-flight messages of a revoked
-  partition may so be published twice.
+  the consumer goes on reading from its position (:meth:`Consumer.retained`: kafka-python
+  revoked and re-assigned it) is sought back to its oldest dropped message; every other one
+  (moved elsewhere, or revoked by librdkafka while ``assignment()`` still lists it) loses its
+  state, commit point included, and is read from the committed offset by whoever owns it
+  next. Up to the in-flight messages of a revoked partition may so be published twice.
 - **An undo** (an aborted transaction) drops every partition's work and seeks each held
   partition back to its restart point.
 """
@@ -47,15 +48,15 @@ class Rereads:
         if consumer is not None and partition in consumer.assignment():
             consumer.seek(partition, resume)
 
-    def forget(self, partitions: set[Partition], consumer: Consumer | None, *, settled: bool = False) -> None:
+    def forget(self, partitions: set[Partition], consumer: Consumer | None, held: set[Partition]) -> None:
         """Drop the in-flight work of ``partitions`` uncommitted, so that it is read again.
 
-        ``settled``: the delivery strategy committed all their work (nothing is pending), so
-        their state goes and nothing is sought, whether or not the consumer still lists them
-        (librdkafka does inside ``on_revoke``).
+        ``held``: those of them the consumer goes on reading from its position
+        (:meth:`Consumer.retained` inside a rebalance callback; empty when the delivery
+        strategy committed all their work, or the clients are being replaced). The others'
+        state goes and nothing is sought for them.
         """
         resume = {tp: self._tracker.resume_point(tp) for tp in partitions}
-        held = consumer.assignment() if consumer is not None and not settled else set()
         # A held partition with nothing pending keeps its state (and its uncommitted commit point).
         stale = {tp for tp in partitions if tp not in held or resume[tp] is not None}
         self._tracker.drop(stale)

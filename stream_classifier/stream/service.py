@@ -198,7 +198,8 @@ class StreamService:
         committed = False
         if consumer is not None and producer is not None:
             committed = self._delivery.releasing(partitions, consumer, producer, self, lost=lost)
-        self._rereads.forget(partitions, consumer, settled=committed)
+        held = consumer.retained(partitions) if consumer is not None and not committed else set()
+        self._rereads.forget(partitions, consumer, held)
 
     def on_assigned(self, partitions: Sequence[Partition]) -> None:
         log_event(logger, "partitions_assigned", partitions=[f"{t}:{p}" for t, p in partitions])
@@ -353,7 +354,7 @@ class StreamService:
         transaction was never committed.
         """
         self._delivery.reconnecting()
-        self._rereads.forget(set(self._tracker.partitions()), self._consumer)
+        self._rereads.forget(set(self._tracker.partitions()), self._consumer, held=set())
         self._tracker.drop(set(self._tracker.partitions()))
         while self._compute.outstanding:  # stale now: drained, not published
             self._drain_results(block=True, timeout_s=_TRANSACTION_TIMEOUT_S)

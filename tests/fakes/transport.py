@@ -412,6 +412,10 @@ class FakeConsumer:
         with self._lock:
             return set(self._assigned)
 
+    def retained(self, revoked: Iterable[Partition]) -> set[Partition]:
+        # Callbacks run after the rebalance (as kafka-python's): the assignment is the new one.
+        return set(revoked) & self.assignment()
+
     def paused(self) -> set[Partition]:
         """Not in the protocol: the paused partitions, for tests."""
         with self._lock:

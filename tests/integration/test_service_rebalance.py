@@ -96,14 +96,7 @@ def test_rebalance_between_two_instances_loses_nothing(
         assert order == sorted(order)
 
 
-# librdkafka: the serving loop keeps a revoked partition's state while assignment() lists it
-# (inside on_revoke); stream/rereads.py must ask Consumer.retained() instead (pending change).
-_KEEPS_REVOKED_STATE = pytest.mark.xfail(
-    strict=True, reason="stream/rereads.py keeps what assignment() lists inside librdkafka's on_revoke"
-)
-
-
-@pytest.mark.parametrize("transport", ["kafka-python", pytest.param("confluent", marks=_KEEPS_REVOKED_STATE)])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_revoked_partition_leaves_no_state_behind_on_apache_kafka(
     kafka_cluster: ApacheKafka, kafka_topic_factory: TopicFactory, tiny_model_dir: Path, transport: str
 ) -> None:
