@@ -47,7 +47,7 @@ def has_native_bf16(capability: tuple[int, int]) -> bool:
 
 def is_device_failure(exc: BaseException) -> bool:
     """True for a device-side CUDA error that leaves the context unusable (see the module docstring)."""
-    if not isinstance(exc, RuntimeError) or isinstance(exc, torch.OutOfMemoryError):
+    if not isinstance(exc, RuntimeError) or isinstance(exc, torch.cuda.OutOfMemoryError):
         return False
     message = str(exc).lower()
     return any(marker in message for marker in _STICKY_CUDA_ERRORS)

@@ -40,6 +40,8 @@ from stream_classifier.model.runtime import (
 from tests.fixtures.models import TRAIN_EXAMPLES
 
 AMP_TOLERANCE = 0.01
+# What torch raises for a CUDA error since 2.8 (a RuntimeError subclass); RuntimeError before.
+ACCELERATOR_ERROR: type[RuntimeError] = getattr(torch, "AcceleratorError", RuntimeError)
 INT8_TOLERANCE = 0.1
 TEXTS = [e.text for e in TRAIN_EXAMPLES] + [
     "ok",
@@ -407,11 +409,11 @@ def test_auto_precision_on_cuda_is_bf16_only_where_native(
 def test_device_side_cuda_errors_are_fatal(
     tiny_runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch, message: str
 ) -> None:
-    for error in (RuntimeError(message), torch.AcceleratorError(message)):
+    for error in (RuntimeError(message), ACCELERATOR_ERROR(message)):
         assert is_device_failure(error)
 
     def failing(features: dict[str, torch.Tensor], autocast: torch.dtype | None) -> torch.Tensor:
-        raise torch.AcceleratorError(message)
+        raise ACCELERATOR_ERROR(message)
 
     monkeypatch.setattr(tiny_runtime, "_classify", failing)
     with pytest.raises(DeviceFailedError, match="restarts with a fresh one"):
@@ -426,7 +428,7 @@ def test_a_failed_device_surfacing_in_prepare_is_fatal_too(
     runtime._pin = True  # as on CUDA
 
     def failing_pin(self: torch.Tensor, *args: object) -> torch.Tensor:
-        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        raise ACCELERATOR_ERROR("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", failing_pin)
     with pytest.raises(DeviceFailedError, match="context is unusable"):
