@@ -39,6 +39,8 @@ from tests.integration.service_support import (
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
+_KILLS = 4  # SIGKILLs of serve in the exactly-once run, each after more progress
+
 
 def read_committed(
     bootstrap: str, topic: str, *, quiet_s: float = 3.0, timeout_s: float = 120.0
@@ -139,7 +141,7 @@ def test_exactly_once_across_sigkill_read_committed_sees_each_prediction_once(
     feeder = PacedFeeder(broker, topics.source, n, seconds=20.0).start()
     reader = TopicReader(broker, topics.out)
     try:
-        for attempt in range(2):
+        for attempt in range(_KILLS):
             with serving(config, tmp_path / f"serve-{attempt}.log") as process:
                 wanted = (attempt + 1) * 50
                 reader.wait_for(lambda records, w=wanted: len(records) >= w, 180, "progress")
@@ -154,7 +156,7 @@ def test_exactly_once_across_sigkill_read_committed_sees_each_prediction_once(
     duplicates = sum(c - 1 for c in counts.values() if c > 1)
     lost = n - len(counts)
     print(
-        f"eos-sigkill: kills=2 messages={n} duplicates={duplicates} lost={lost} "
+        f"eos-sigkill: kills={_KILLS} messages={n} duplicates={duplicates} lost={lost} "
         f"time={time.monotonic() - started:.0f}s"
     )
     assert counts == Counter({f"m{i}": 1 for i in range(n)})
