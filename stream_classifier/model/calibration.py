@@ -108,9 +108,10 @@ def fit_temperature(head: LinearHead, scores: NDArray[Any], truth: NDArray[np.in
         return 1.0
     z, columns = np.asarray(scores, dtype=np.float64)[known], truth[known]
 
+    rows = np.arange(len(columns))
+
     def loss_at(t: float) -> float:
-        value = log_loss(head.probabilities_from_scores(z, t), columns)
-        return math.inf if value is None else value
+        return float(-_log_probabilities(head, z, t)[rows, columns].mean())
 
     def loss(log_t: float) -> float:
         return loss_at(math.exp(log_t))
@@ -134,6 +135,20 @@ def fit_temperature(head: LinearHead, scores: NDArray[Any], truth: NDArray[np.in
         if math.isclose(best, bound, rel_tol=1e-6):
             return bound
     return float(min(max(best, TEMPERATURE_BOUNDS[0]), TEMPERATURE_BOUNDS[1]))
+
+
+def _log_probabilities(head: LinearHead, z: NDArray[np.float64], t: float) -> NDArray[np.float64]:
+    """``ln`` of ``head.probabilities_from_scores(z, t)``, exact where the rule allows (no
+    clipping, so the fit's objective does not flatten where probabilities underflow)."""
+    scaled = z / t
+    if z.shape[1] == 1:  # [1 - sigmoid(s), sigmoid(s)]
+        return np.stack([-np.logaddexp(0.0, scaled[:, 0]), -np.logaddexp(0.0, -scaled[:, 0])], axis=1)
+    if head.multi_class == "multinomial":
+        shifted = scaled - scaled.max(axis=1, keepdims=True)
+        result: NDArray[np.float64] = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return result
+    clipped: NDArray[np.float64] = np.log(np.clip(head.probabilities_from_scores(z, t), 1e-300, 1.0))
+    return clipped
 
 
 @dataclass(frozen=True)

@@ -249,3 +249,21 @@ def test_a_replaced_pickle_drops_the_calibration_with_the_stale_safe_head(
     saved = save_model(bundle, tmp_path / "calibrated")
     joblib.dump(joblib.load(saved / SETFIT_HEAD), saved / SETFIT_HEAD, compress=3)  # new bytes
     assert load_model(saved).head.temperature == 1.0  # the temperature was fitted for the old head
+
+
+@pytest.mark.parametrize("kind", ["binary", "multinomial", "ovr"])
+def test_the_fit_objective_is_the_log_loss_of_the_published_probabilities(kind: str) -> None:
+    from stream_classifier.model.calibration import _log_probabilities
+
+    rng = np.random.default_rng(3)
+    rows = 1 if kind == "binary" else 3
+    head = LinearHead(rng.normal(size=(rows, 4)), rng.normal(size=rows), ["a", "b", "c"][: max(2, rows)],
+                      "ovr" if kind == "ovr" else "multinomial")  # fmt: skip
+    z = head.scores(rng.normal(size=(50, 4)) * 3)
+    for t in (0.3, 1.0, 4.0):
+        np.testing.assert_allclose(
+            np.exp(_log_probabilities(head, z, t)),
+            head.probabilities_from_scores(z, t),
+            rtol=1e-12,
+            atol=1e-15,
+        )
