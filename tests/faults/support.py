@@ -45,7 +45,9 @@ SCALES = [
         id="soak",
         marks=[
             pytest.mark.soak,
-            pytest.mark.skipif(not SOAK, reason="soak mode: set STREAM_CLASSIFIER_TEST_SOAK=1 and run -m soak"),
+            pytest.mark.skipif(
+                not SOAK, reason="soak mode: set STREAM_CLASSIFIER_TEST_SOAK=1 and run -m soak"
+            ),
         ],
     ),
 ]
