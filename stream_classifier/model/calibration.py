@@ -4,7 +4,8 @@
   ``head.probabilities_from_scores(z, T)`` on held-out scores ``z``: a golden-section search
   on ``log T`` over :data:`TEMPERATURE_BOUNDS` (the log-loss of a binary or multinomial
   head is convex in ``1 / T``, so unimodal in ``log T``). ``T > 0`` divides every score
-  alike, so the argmax never changes.
+  alike, so the argmax never changes. :func:`calibrate` does not use a fit that ends on a
+  bound (the head keeps ``T = 1``).
 - :func:`calibration_scores`: ``ece``, the expected calibration error over
   :data:`ECE_BINS` equal-width bins of the top-label confidence (bin ``b`` holds
   confidences in ``(b/15, (b+1)/15]``, the first bin also 0), the sum over bins of
@@ -232,11 +233,16 @@ def calibrate(
 
     ``scores`` are uncalibrated scores of held-out (or out-of-fold) examples labelled
     ``truth``; ``source`` names them in the ``head_calibrated`` log event. The coefficients
-    are unchanged.
+    are unchanged. A fit that ends on a bound of :data:`TEMPERATURE_BOUNDS` is not used: the
+    data did not settle the temperature (typically predictions that are all right by a
+    margin, as out-of-fold scores over a body fine-tuned on the same examples are, where the
+    log-loss only falls as ``T`` does), so the head keeps ``T = 1``, logged as a warning,
+    and the thresholds are fitted on its ``T = 1`` probabilities.
     """
     columns = label_indices(head.classes, truth)
-    temperature = fit_temperature(head, scores, columns)
-    at_bound = temperature in TEMPERATURE_BOUNDS
+    fitted_temperature = fit_temperature(head, scores, columns)
+    at_bound = fitted_temperature in TEMPERATURE_BOUNDS
+    temperature = 1.0 if at_bound else fitted_temperature
     probabilities = head.probabilities_from_scores(np.asarray(scores, dtype=np.float64), temperature)
     fitted = fit_thresholds(head.classes, probabilities, columns, targets, min_support)
     for label, reason in fitted.unreachable.items():
@@ -254,6 +260,7 @@ def calibrate(
         "head_calibrated",
         logging.WARNING if at_bound else logging.INFO,
         temperature=round(temperature, 6),
+        fitted_temperature=round(fitted_temperature, 6),
         at_bound=at_bound,
         examples=int((columns >= 0).sum()),
         source=source,
@@ -299,6 +306,8 @@ def calibrate_from(
         "source": source,
         "examples": len(truth),
         "temperature": round(calibrated.temperature, 6),
+        # The search's own result; on a bound it was not used (see calibrate).
+        "fitted_temperature": round(fit_temperature(head, scores, label_indices(head.classes, truth)), 6),
         "thresholds": calibrated.thresholds,
         "before": calibration_scores(head.classes, head.probabilities_from_scores(scores, 1.0), truth),
         "after": calibration_scores(head.classes, calibrated.probabilities_from_scores(scores), truth),

@@ -16,6 +16,7 @@ import pytest
 from stream_classifier.model.calibration import (
     TEMPERATURE_BOUNDS,
     calibrate,
+    calibrate_from,
     calibration_scores,
     expected_calibration_error,
     fit_temperature,
@@ -75,6 +76,11 @@ def test_fit_leaves_unknown_labels_out_and_stays_in_bounds() -> None:
     # Perfectly separated scores: the log-loss falls all the way to the lower bound.
     separated = np.array([[-3.0], [3.0]] * 50)
     assert fit_temperature(head, separated, np.array([0, 1] * 50)) == TEMPERATURE_BOUNDS[0]
+    # ... and calibrate does not use a fit the data did not settle: the head keeps T = 1.
+    names = ["c0", "c1"] * 50
+    assert calibrate(head, separated, names, {}, source="test").temperature == 1.0
+    calibrated, summary = calibrate_from(head, separated / 2.0, names, {})  # head.scores(x) = 2x
+    assert (calibrated.temperature, summary["fitted_temperature"]) == (1.0, TEMPERATURE_BOUNDS[0])
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
