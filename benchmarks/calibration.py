@@ -17,7 +17,7 @@ confidence of:
 and, for ``--target-precision`` on spam fitted on the calibration half, the precision and
 the share of spam predictions kept on the test half.
 
-Run it (a few minutes a seed on 2 shared CPU cores)::
+Run it (about 10 CPU-minutes a seed: 35 minutes on the 2 shared cores under a load of 11)::
 
     nice -n 19 .venv/bin/python benchmarks/calibration.py --seeds 1 2 3 --out bench-results/calibration.json
 """
