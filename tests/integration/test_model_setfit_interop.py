@@ -1,5 +1,8 @@
 """Interop with the real setfit library, both ways (±1e-4), when a Python with setfit is at hand.
 
+A calibrated directory (a temperature and thresholds in head.json) reads in setfit as the
+uncalibrated model: setfit's probabilities are our temperature-1 ones, its labels ours.
+
 setfit is not a dependency; it lives in its own environment (the parity benchmark's
 ``.venv-setfit``, or any interpreter named by ``SETFIT_PYTHON``). Without one the test skips
 and says so; ``tests/unit/test_model_format.py`` still checks setfit's documented layout.
@@ -7,6 +10,7 @@ and says so; ``tests/unit/test_model_format.py`` still checks setfit's documente
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stream_classifier.model.format import load_model, save_model
 from stream_classifier.model.runtime import ModelRuntime
 
 pytestmark = pytest.mark.integration
@@ -30,6 +35,7 @@ from datasets import Dataset
 from setfit import SetFitModel, Trainer, TrainingArguments
 
 ours_dir, base, out_dir, texts = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+calibrated = SetFitModel.from_pretrained(sys.argv[5])
 ours = SetFitModel.from_pretrained(ours_dir)
 rows = [json.loads(line) for line in open(f"{ours_dir}/training_examples.jsonl")]
 data = Dataset.from_dict({"text": [r["text"] for r in rows], "label": [r["label"] for r in rows]})
@@ -39,6 +45,8 @@ Trainer(model=model, args=args, train_dataset=data).train()
 model.save_pretrained(out_dir)
 print(json.dumps({
     "ours_by_setfit": np.asarray(ours.predict_proba(texts)).tolist(),
+    "calibrated_by_setfit": np.asarray(calibrated.predict_proba(texts)).tolist(),
+    "calibrated_labels_by_setfit": [str(label) for label in calibrated.predict(texts)],
     "setfit_by_setfit": np.asarray(model.predict_proba(texts)).tolist(),
 }))
 """
@@ -59,11 +67,24 @@ def test_setfit_reads_ours_and_we_read_setfits(
 ) -> None:
     python = _setfit_python()
     setfit_dir = tmp_path / "setfit-saved"
+    bundle = load_model(minilm_model_dir)
+    label = bundle.labels[0]
+    plain_head = bundle.head
+    bundle.head = dataclasses.replace(plain_head, temperature=2.5, thresholds={label: 0.8})
+    calibrated_dir = save_model(bundle, tmp_path / "calibrated")
     script = tmp_path / "setfit_side.py"
     script.write_text(SETFIT_SIDE, encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     done = subprocess.run(
-        [python, str(script), str(minilm_model_dir), str(minilm_path), str(setfit_dir), json.dumps(TEXTS)],
+        [
+            python,
+            str(script),
+            str(minilm_model_dir),
+            str(minilm_path),
+            str(setfit_dir),
+            json.dumps(TEXTS),
+            str(calibrated_dir),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -75,6 +96,12 @@ def test_setfit_reads_ours_and_we_read_setfits(
 
     ours = ModelRuntime.load(minilm_model_dir, device="cpu", precision="fp32").predict_proba(TEXTS)
     np.testing.assert_allclose(np.array(result["ours_by_setfit"]), ours, atol=1e-4)
+    calibrated = ModelRuntime.load(calibrated_dir, device="cpu", precision="fp32")
+    assert calibrated.thresholds == {label: 0.8}
+    served = calibrated.predict_proba(TEXTS)
+    assert not np.allclose(served, ours, atol=1e-3)  # we publish the calibrated probabilities ...
+    np.testing.assert_allclose(np.array(result["calibrated_by_setfit"]), ours, atol=1e-4)  # setfit: not
+    assert result["calibrated_labels_by_setfit"] == calibrated.predict(TEXTS)
     theirs = ModelRuntime.load(setfit_dir, device="cpu", precision="fp32")
     assert theirs.labels == ["billing", "shipping", "tech"]
     np.testing.assert_allclose(theirs.predict_proba(TEXTS), np.array(result["setfit_by_setfit"]), atol=1e-4)
