@@ -35,7 +35,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from stream_classifier.errors import ModelError
-from stream_classifier.model.student import STUDENT_DIR, Student
+from stream_classifier.model.examples import Example
+from stream_classifier.model.student import DEFAULT_TARGET_LOSS, STUDENT_DIR, Student, build_student
 from stream_classifier.ops.logs import log_event
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,11 @@ class CascadeRuntime:
         return str(self.transformer.version)
 
     @property
+    def thresholds(self) -> dict[str, float]:
+        """The model's fitted thresholds, for the student's rows too (both heads are calibrated)."""
+        return dict(getattr(self.transformer, "thresholds", {}))
+
+    @property
     def base_model(self) -> str:
         return str(self.transformer.base_model)
 
@@ -157,3 +163,24 @@ class CascadeRuntime:
     def warmup(self) -> None:
         self.transformer.warmup()
         self.student.predict_proba(["warm up"])
+
+
+def build_cascade(
+    model_dir: Path | str,
+    *,
+    holdout: Sequence[Example] = (),
+    target_loss: float = DEFAULT_TARGET_LOSS,
+    trusted: bool = False,
+) -> Student:
+    """Build and save ``model_dir``'s student in one call (what a promotion runs).
+
+    The teacher is the directory's own model on the CPU in fp32, the examples its kept
+    training examples, the bound fitted on ``holdout`` when given (see
+    :func:`~stream_classifier.model.student.build_student`). A student already there is
+    replaced whole.
+    """
+    from stream_classifier.model.runtime import ModelRuntime  # noqa: PLC0415 - torch-heavy
+
+    teacher = ModelRuntime.load(model_dir, device="cpu", precision="fp32", trusted=trusted)
+    examples = teacher.bundle.examples
+    return build_student(model_dir, teacher, examples, holdout=holdout, target_loss=target_loss)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import tempfile
 import threading
@@ -62,6 +63,8 @@ DEFAULT_TARGET_LOSS = 0.005
 """Accuracy the cascade may lose against the transformer alone, as a fraction (0.5 points)."""
 NEVER = 1.5
 """A bound above every probability: the student decides nothing."""
+CONFIDENCE_Z = 1.645
+"""Standard errors of margin on a bound's fitted loss (one-sided 95 %)."""
 _INSTALL = "install it with pip install 'stream-classifier[cascade]'"
 
 
@@ -92,31 +95,37 @@ def fit_bound(
     student_correct: NDArray[np.bool_],
     teacher_correct: NDArray[np.bool_],
     target_loss: float = DEFAULT_TARGET_LOSS,
+    z: float = CONFIDENCE_Z,
 ) -> BoundFit:
     """The lowest bound whose cascade, and every cascade with a higher bound, loses at most
-    ``target_loss`` accuracy against the teacher alone on these rows.
+    ``target_loss`` accuracy against the teacher alone on these rows, with ``z`` standard
+    errors of margin.
 
-    A row at or above the bound is the student's: it costs ``teacher_correct -
-    student_correct`` (1, 0 or -1) against the teacher. Bounds are tried from the most
-    confident row down, ties together; the first bound over the target stops the search,
-    so the loss stays within it for every bound above the one returned (a prefix bound,
-    not a lucky dip). No row -> :data:`NEVER`.
+    A row at or above the bound is the student's: it costs 1 where only the teacher is
+    right (harm) and gains 1 where only the student is (gain). The loss of a bound is
+    ``(harm - gain) / n``; the search needs ``(harm - gain + z * sqrt(harm + gain)) / n``
+    within the target, since a net loss made of many harms and gains is a noisy one (on
+    rows a bound was fitted on, gains offset harms that new rows need not offset). Bounds
+    are tried from the most confident row down, ties together; the first bound over the
+    target stops the search (a prefix bound, not a lucky dip). No row -> :data:`NEVER`.
     """
     p = np.asarray(confidence, dtype=np.float64)
     n = len(p)
     if n == 0:
         return BoundFit(NEVER, 0.0, 0.0)
     order = np.argsort(-p, kind="stable")
-    cost = np.cumsum(teacher_correct[order].astype(np.int64) - student_correct[order].astype(np.int64))
+    student, teacher = student_correct[order], teacher_correct[order]
+    harm = np.cumsum(teacher & ~student)
+    gain = np.cumsum(student & ~teacher)
     sorted_p = p[order]
     # A bound can only sit where the next row is less confident (ties are accepted together).
     ends = np.flatnonzero(np.append(sorted_p[1:] < sorted_p[:-1], True))
     best = BoundFit(NEVER, 0.0, 0.0)
     for end in ends:
-        loss = float(cost[end]) / n
-        if loss > target_loss:
+        net = float(harm[end] - gain[end])
+        if (net + z * math.sqrt(float(harm[end] + gain[end]))) / n > target_loss:
             break
-        best = BoundFit(float(sorted_p[end]), (end + 1) / n, loss)
+        best = BoundFit(float(sorted_p[end]), (end + 1) / n, net / n)
     return best
 
 

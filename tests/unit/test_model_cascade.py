@@ -16,10 +16,10 @@ import pytest
 pytest.importorskip("model2vec")
 
 from stream_classifier.errors import ModelError
-from stream_classifier.model.cascade import STUDENT, TRANSFORMER, CascadeRuntime, Decided
+from stream_classifier.model.cascade import STUDENT, TRANSFORMER, CascadeRuntime, Decided, build_cascade
 from stream_classifier.model.format import load_model
 from stream_classifier.model.runtime import ModelRuntime
-from stream_classifier.model.student import NEVER, STUDENT_DIR, Student, build_student, fit_bound
+from stream_classifier.model.student import NEVER, STUDENT_DIR, Student, fit_bound
 from tests.fixtures.models import TRAIN_EXAMPLES
 
 TEXTS = [e.text for e in TRAIN_EXAMPLES] + [
@@ -44,8 +44,7 @@ def built(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     model_dir = tmp_path_factory.mktemp("cascade") / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     before = _hashes(model_dir)
-    teacher = ModelRuntime.load(model_dir, device="cpu")
-    build_student(model_dir, teacher, load_model(model_dir).examples)
+    build_cascade(model_dir)  # the one call a promotion makes
     return model_dir, before
 
 
@@ -63,14 +62,27 @@ def test_the_bound_is_the_lowest_prefix_within_the_target() -> None:
     confidence = np.array([0.99, 0.95, 0.95, 0.9, 0.8, 0.7])
     student = np.array([True, True, False, True, True, False])
     teacher = np.array([True, True, True, True, False, True])
-    # Costs from the top: 0, then the tie {0.95, 0.95} costs 1, 0.9: 1, 0.8: 0 (student right,
+    # Net costs from the top: 0, then the tie {0.95, 0.95} costs 1, 0.9: 1, 0.8: 0 (student right,
     # teacher wrong), 0.7: 1. With 1/6 allowed every bound passes; 0.7 is the lowest.
-    assert fit_bound(confidence, student, teacher, 1 / 6).bound == 0.7
+    assert fit_bound(confidence, student, teacher, 1 / 6, z=0.0).bound == 0.7
     # With nothing allowed the tie at 0.95 stops the search: 0.99 alone, even though 0.8 is back at 0.
-    fit = fit_bound(confidence, student, teacher, 0.0)
+    fit = fit_bound(confidence, student, teacher, 0.0, z=0.0)
     assert (fit.bound, fit.coverage, fit.loss) == (0.99, 1 / 6, 0.0)
-    assert fit_bound(confidence, ~teacher, teacher, 0.0).bound == NEVER
+    assert fit_bound(confidence, ~teacher, teacher, 0.0, z=0.0).bound == NEVER
     assert fit_bound(np.zeros(0), np.zeros(0, bool), np.zeros(0, bool)).bound == NEVER
+
+
+def test_the_margin_counts_harms_that_gains_offset() -> None:
+    # 100 rows: the 10 most confident are 5 harms and 5 gains (net 0), the rest agree.
+    confidence = np.linspace(1.0, 0.01, 100)
+    student = np.ones(100, bool)
+    teacher = np.ones(100, bool)
+    student[:10:2], teacher[1:10:2] = False, False
+    assert fit_bound(confidence, student, teacher, 0.01, z=0.0).bound == 0.01
+    # sqrt(10) * 1.645 / 100 = 0.052 > 0.01: the margin stops at the first harm.
+    fit = fit_bound(confidence, student, teacher, 0.01)
+    assert fit.bound == NEVER and fit.coverage == 0.0
+    assert fit_bound(confidence, student, teacher, 0.06).bound == 0.01
 
 
 def test_rows_above_the_bound_are_the_students_the_rest_exactly_the_transformers(
