@@ -122,6 +122,7 @@ def test_an_artifact_of_another_body_is_logged_and_the_body_exported(
     shutil.rmtree(without / ARTIFACT_DIR)
     want = ModelRuntime.load(without, device="cpu", quantize="int8").predict_proba(TEXTS)
     exports = count_exports(monkeypatch)
+    caplog.clear()  # the reference load above logs too when another test raised the level to INFO
     with caplog.at_level(logging.INFO, logger="stream_classifier.model.int8"):
         got = ModelRuntime.load(changed, device="cpu", quantize="int8").predict_proba(TEXTS)
     assert len(exports) == 1
