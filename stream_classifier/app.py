@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from stream_classifier.config import Settings
 from stream_classifier.learn.learning import Learning, start_learning
 from stream_classifier.learn.review import review_hook
-from stream_classifier.learn.updates import load_runtime, resolve_serving_model
+from stream_classifier.learn.updates import load_serving_runtime, resolve_serving_model
 from stream_classifier.ops.health import HealthState
 from stream_classifier.ops.http import OpsServer, start_ops_server
 from stream_classifier.ops.metrics import Metrics
@@ -144,7 +144,7 @@ class App:
 
     def _load(self) -> Classifier:
         started = time.perf_counter()
-        runtime = load_runtime(self.settings, resolve_serving_model(self.settings))
+        runtime = load_serving_runtime(self.settings, resolve_serving_model(self.settings))
         self.metrics.model_load_seconds.set(time.perf_counter() - started)
         return runtime
 

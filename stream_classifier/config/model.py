@@ -34,6 +34,16 @@ class ModelSettings(Section):
     max_seq_length: int | None = Field(
         default=None, ge=8, description="Tokens a text is truncated to; unset: the model's own maximum."
     )
+    cascade: bool = Field(
+        default=False,
+        description=(
+            "Opt-in: serve the model's cascade student (model2vec) in front of the transformer; the student "
+            "decides the texts it is sure of, the transformer the rest, and each output says which decided "
+            "('decided_by'). Needs the [cascade] extra; a promotion with it on builds the new version's "
+            "student. A model directory without a student/ for its version serves the transformer alone "
+            "(a cascade_unavailable warning event)."
+        ),
+    )
     trusted: bool = Field(
         default=False,
         description=(

@@ -17,9 +17,9 @@ from stream_classifier.learn.feedback import FeedbackReader
 from stream_classifier.learn.retrainer import Retrainer, RunRecord, TrainerLock, champion_labels
 from stream_classifier.learn.store import ModelStore
 from stream_classifier.learn.updates import ModelSwapper, UpdatesFollower, resolve_serving_model
-from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
+from stream_classifier.stream.classifier import Classifier
 from stream_classifier.transport import Producer, Transport
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Learning:
 class SwapTarget(Protocol):
     """What the learning side needs of the serving loop (``StreamService`` fits)."""
 
-    def swap_model(self, runtime: ModelRuntime) -> None: ...
+    def swap_model(self, runtime: Classifier) -> None: ...
 
     @property
     def model_version(self) -> str: ...

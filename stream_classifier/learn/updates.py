@@ -25,11 +25,14 @@ from typing import Any
 from stream_classifier.config import Settings
 from stream_classifier.errors import ConfigError, StreamClassifierError
 from stream_classifier.learn.store import ModelStore, VersionEntry
+from stream_classifier.model.cascade import CascadeRuntime
 from stream_classifier.model.format import METADATA_FILE, ModelMetadata, load_model
 from stream_classifier.model.runtime import ModelRuntime, on_a_passing_thread
+from stream_classifier.model.student import Student
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.backoff import Backoff
+from stream_classifier.stream.classifier import Classifier
 from stream_classifier.transport import Producer, TopicReader, make_reader
 
 logger = logging.getLogger(__name__)
@@ -127,6 +130,33 @@ def load_runtime(settings: Settings, path: Path) -> ModelRuntime:
     return on_a_passing_thread(load)
 
 
+def load_serving_runtime(settings: Settings, path: Path) -> ModelRuntime | CascadeRuntime:
+    """What serving runs for ``path``: with ``model.cascade`` on and a student built for this
+    version under ``path/student``, the :class:`~stream_classifier.model.cascade.CascadeRuntime`;
+    else the plain runtime of :func:`load_runtime` (with the cascade on, after one
+    ``cascade_unavailable`` warning saying why). The student is only ever loaded here, never
+    built (that takes minutes: promotions build it, :mod:`.retrainer`)."""
+    runtime = load_runtime(settings, path)
+    if not settings.model.cascade:
+        return runtime
+    try:
+        student = Student.load(path, model_version=runtime.version)
+        cascade = CascadeRuntime(runtime, student)
+    except StreamClassifierError as exc:  # no student, one of another version, or model2vec missing
+        log_event(
+            logger,
+            "cascade_unavailable",
+            logging.WARNING,
+            path=str(path),
+            version=runtime.version,
+            reason=str(exc),
+        )
+        return runtime
+    on_a_passing_thread(cascade.warmup)
+    log_event(logger, "cascade_loaded", path=str(path), version=cascade.version, bound=cascade.bound)
+    return cascade
+
+
 class ModelSwapper:
     """Loads store versions and hands them to the service (``swap``); see the module docstring."""
 
@@ -134,7 +164,7 @@ class ModelSwapper:
         self,
         settings: Settings,
         store: ModelStore,
-        swap: Callable[[ModelRuntime], None],
+        swap: Callable[[Classifier], None],
         metrics: Metrics,
         *,
         serving_version: str,
@@ -152,7 +182,7 @@ class ModelSwapper:
             if version == self.serving_version:
                 return False
             started = time.perf_counter()
-            runtime = load_runtime(self._settings, self._store.path_of(version))
+            runtime = load_serving_runtime(self._settings, self._store.path_of(version))
             loaded = time.perf_counter() - started
             self._swap(runtime)
             self.metrics.model_load_seconds.set(loaded)
