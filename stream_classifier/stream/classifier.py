@@ -3,6 +3,9 @@
 :class:`~stream_classifier.model.runtime.ModelRuntime` implements it; the unit tier's stub
 does too. ``prepare`` runs on the I/O thread (tokenising), ``infer`` only on the compute
 thread; ``predict_proba`` is both in one call, for isolating a failing message.
+
+A runtime that combines models (the cascade) returns probabilities with a ``decided_by``
+attribute, one model name per row; :func:`decided_by` reads it without importing the model.
 """
 
 from __future__ import annotations
@@ -42,3 +45,12 @@ class Classifier(Protocol):
         """Probabilities, one row per text of ``prepared``, in input order."""
 
     def predict_proba(self, texts: Sequence[str]) -> NDArray[np.float32]: ...
+
+
+def decided_by(probabilities: object, rows: int) -> Sequence[str] | None:
+    """Which model decided each of the ``rows`` rows of ``probabilities``, or None when they do
+    not say (a plain runtime) or say it for another number of rows (an array derived from one)."""
+    names = getattr(probabilities, "decided_by", None)
+    if names is None or len(names) != rows:
+        return None
+    return tuple(str(name) for name in names)

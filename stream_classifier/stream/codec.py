@@ -65,7 +65,8 @@ CODEC_REASONS = (
 # Output header names: the service's own, and the W3C trace context carried whenever present.
 MODEL_VERSION_HEADER = "model.version"
 LABEL_HEADER = "label"
-SERVICE_HEADERS = frozenset((MODEL_VERSION_HEADER, LABEL_HEADER))
+DECIDED_BY_HEADER = "model.decided_by"  # only from a runtime that says (model.cascade)
+SERVICE_HEADERS = frozenset((MODEL_VERSION_HEADER, LABEL_HEADER, DECIDED_BY_HEADER))
 TRACE_HEADERS = frozenset(("traceparent", "tracestate"))
 # Why an output went out plain instead of enriched.
 REDUCED_TOO_LARGE = "too_large"
@@ -196,10 +197,11 @@ class OutputEncoder:
     """Encodes predictions by ``output.*``: the plain output, or the enriched one when it fits.
 
     The plain output is ``id``, ``label``, (with decisions on) ``top_label`` and
-    ``abstained``, ``probabilities``, ``model_version``, ``source``; headers ``model.version``
-    and ``label``, plus the input's W3C trace headers. Enriched: ``text`` or ``input``
-    besides, and the input headers ``output.headers`` names (never one of the service's own
-    names: those win).
+    ``abstained``, ``probabilities``, ``model_version``, (when the runtime says which model
+    decided: ``model.cascade``) ``decided_by``, ``source``; headers ``model.version`` and
+    ``label`` (and ``model.decided_by`` with ``decided_by``), plus the input's W3C trace
+    headers. Enriched: ``text`` or ``input`` besides, and the input headers ``output.headers``
+    names (never one of the service's own names: those win).
     """
 
     def __init__(self, output: OutputSettings, *, decisions: bool, max_request_size: int) -> None:
@@ -223,6 +225,7 @@ class OutputEncoder:
         abstained: bool,
         model_version: str,
         topic: str,
+        decided_by: str | None = None,
     ) -> tuple[OutgoingRecord, str | None]:
         """The output for ``record``, and why it is plain when enrichment was asked (else None).
 
@@ -235,8 +238,15 @@ class OutputEncoder:
             payload["abstained"] = abstained
         payload["probabilities"] = dict(zip(labels, row, strict=True))
         payload["model_version"] = model_version
+        if decided_by is not None:
+            payload["decided_by"] = decided_by
         payload["source"] = {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-        own = ((MODEL_VERSION_HEADER, model_version.encode("utf-8")), (LABEL_HEADER, label.encode("utf-8")))
+        own: Headers = (
+            (MODEL_VERSION_HEADER, model_version.encode("utf-8")),
+            (LABEL_HEADER, label.encode("utf-8")),
+        )
+        if decided_by is not None:
+            own = (*own, (DECIDED_BY_HEADER, decided_by.encode("utf-8")))
         stamp = record.timestamp_ms if self._input_timestamp and (record.timestamp_ms or 0) > 0 else None
         reduced: str | None = None
         if self._enriched:

@@ -39,7 +39,7 @@ import numpy as np
 from stream_classifier.errors import DeviceFailedError
 from stream_classifier.ops.logs import log_event
 from stream_classifier.ops.metrics import Metrics
-from stream_classifier.stream.classifier import Classifier
+from stream_classifier.stream.classifier import Classifier, decided_by
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class Result(Generic[T]):
     probabilities: np.ndarray
     failed: dict[int, str] = field(default_factory=dict)  # index -> why that message failed alone
     broken: str | None = None
+    # Per row, the model that decided it (a cascade's runtime says; None: the runtime alone).
+    # A failed row's entry is "" (it is never published).
+    decided_by: Sequence[str] | None = None
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -214,7 +217,7 @@ class ComputeWorker(Generic[T]):
             lambda: classifier.infer(prepared if prepared is not None else classifier.prepare(texts))
         )
         if not isinstance(outcome, _Failure):
-            result = Result(job.items, classifier, outcome)
+            result = Result(job.items, classifier, outcome, decided_by=decided_by(outcome, len(texts)))
         elif outcome.out_of_memory:
             result = self._broken(job, classifier, outcome.reason)
         else:
@@ -232,10 +235,15 @@ class ComputeWorker(Generic[T]):
         """Isolate the messages that fail alone; the others get their probabilities."""
         probabilities = np.zeros((len(job.texts), len(classifier.labels)), dtype=np.float32)
         failed: dict[int, str] = {}
+        deciders = [""] * len(job.texts)
+        said = False
         for index, text in enumerate(job.texts):
             outcome = _attempt(functools.partial(classifier.predict_proba, [text]))
             if not isinstance(outcome, _Failure):
                 probabilities[index] = outcome[0]
+                names = decided_by(outcome, 1)
+                if names is not None:
+                    deciders[index], said = names[0], True
             elif outcome.out_of_memory:
                 return self._broken(job, classifier, outcome.reason)
             else:
@@ -244,7 +252,7 @@ class ComputeWorker(Generic[T]):
             canary = self._canary_error(classifier)
             if canary is not None:
                 return self._broken(job, classifier, canary)
-        return Result(job.items, classifier, probabilities, failed)
+        return Result(job.items, classifier, probabilities, failed, decided_by=deciders if said else None)
 
     def _checked(self, result: Result[T]) -> Result[T]:
         """Never publish a non-finite probability: such rows fail, and a model giving only those is broken."""
@@ -258,7 +266,9 @@ class ComputeWorker(Generic[T]):
             )
         failed = dict(result.failed)
         failed.update(dict.fromkeys(bad, "inference failed: the model returned non-finite probabilities"))
-        return Result(result.items, result.classifier, result.probabilities, failed)
+        return Result(
+            result.items, result.classifier, result.probabilities, failed, decided_by=result.decided_by
+        )
 
     @staticmethod
     def _canary_error(classifier: Classifier) -> str | None:

@@ -19,7 +19,9 @@ Invariants:
   outputs on every topic are acknowledged, and with exactly-once every topic is produced
   inside the open transaction.
 - **The model reference.** Each output names the version of the classifier that computed
-  its batch (:attr:`Result.classifier`), and is decided by that classifier's thresholds.
+  its batch (:attr:`Result.classifier`), and is decided by that classifier's thresholds;
+  where the runtime says which of its models decided each row (:attr:`Result.decided_by`,
+  the cascade), the output says it too.
 - **A failing publish hook** is logged and its records skipped; the outputs stand.
 """
 
@@ -133,6 +135,7 @@ class Publisher:
         labels: list[str] = []
         flags: list[bool] = []
         rows, best = published_rows(result.probabilities)
+        deciders = result.decided_by
         for index, item in enumerate(result.items):
             if not self._tracker.is_current(item.entry):
                 continue  # its partition was revoked or rewound: it will be read again
@@ -151,6 +154,7 @@ class Publisher:
                         abstained=decision.abstained,
                         model_version=version,
                         topic=topic,
+                        decided_by=None if deciders is None else deciders[index],
                     )
                 except ValueError:  # finite probabilities that sum to 0: no distribution to publish
                     failure = "inference failed: the model's probabilities do not sum to a positive number"
