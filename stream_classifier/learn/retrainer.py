@@ -11,8 +11,8 @@ One retraining run (:meth:`Retrainer.run_once`):
    champion's by more than ``min_improvement`` (a tie does not promote), its held-out
    accuracy does not fall, and, when a trusted set is configured, neither its macro-F1 nor
    its accuracy falls below the champion's there;
-4. **swap** — record the version in the store as current, announce it, and hot-swap it
-   into this process's service (loaded and warmed before the swap).
+4. **swap** — (``model.cascade``: build its student, :mod:`.promoted_student`) record the
+   version as current, announce it, and hot-swap it in (loaded and warmed before the swap).
 
 Invariants:
 
@@ -47,6 +47,7 @@ from stream_classifier.learn.challenger import JobResult, JobSpec, Scores, run_j
 from stream_classifier.learn.feedback import FeedbackReader, decode_feedback
 from stream_classifier.learn.feedback_set import FeedbackItem, FeedbackSnapshot
 from stream_classifier.learn.gate import gate
+from stream_classifier.learn.promoted_student import build_promoted_student
 from stream_classifier.learn.store import ModelStore
 from stream_classifier.learn.updates import ModelSwapper, announce
 from stream_classifier.model.examples import Example, read_examples
@@ -339,7 +340,7 @@ class Retrainer:
                 self._store.record_progress(offsets)
             else:
                 with self._timed(record, "swap"):
-                    self._promote(record, work / "model", result, offsets)
+                    self._promote(record, work / "model", result, offsets, snapshot.holdout)
                 record.outcome = "promoted"
             self._feedback.consumed(fresh)
         finally:
@@ -394,8 +395,14 @@ class Retrainer:
         )
 
     def _promote(
-        self, record: RunRecord, model_dir: Path, result: JobResult, offsets: dict[str, int]
+        self,
+        record: RunRecord,
+        model_dir: Path,
+        result: JobResult,
+        offsets: dict[str, int],
+        holdout: list[Example],
     ) -> None:
+        build_promoted_student(self._settings, model_dir, holdout)  # before any replica can load it
         entry = self._store.add_version(
             model_dir,
             result.version,
