@@ -135,7 +135,7 @@ def load_serving_runtime(settings: Settings, path: Path) -> ModelRuntime | Casca
     version under ``path/student``, the :class:`~stream_classifier.model.cascade.CascadeRuntime`;
     else the plain runtime of :func:`load_runtime` (with the cascade on, after one
     ``cascade_unavailable`` warning saying why). The student is only ever loaded here, never
-    built (that takes minutes: promotions build it, :mod:`.retrainer`)."""
+    built (that takes minutes: promotions build it, :mod:`.promoted_student`)."""
     runtime = load_runtime(settings, path)
     if not settings.model.cascade:
         return runtime
@@ -152,7 +152,7 @@ def load_serving_runtime(settings: Settings, path: Path) -> ModelRuntime | Casca
             reason=str(exc),
         )
         return runtime
-    on_a_passing_thread(cascade.warmup)
+    on_a_passing_thread(lambda: student.predict_proba(["warm up"]))  # the transformer is warm already
     log_event(logger, "cascade_loaded", path=str(path), version=cascade.version, bound=cascade.bound)
     return cascade
 
