@@ -88,6 +88,7 @@ def test_setfit_reads_ours_and_we_read_setfits(
         capture_output=True,
         text=True,
         env=env,
+        cwd=tmp_path,  # setfit's Trainer writes checkpoints/ into its working directory
         timeout=600,
         check=False,
     )
