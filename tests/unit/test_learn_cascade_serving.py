@@ -19,15 +19,6 @@ from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.model.student import STUDENT_DIR
 
 
-class _Events(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.events.append((record.getMessage(), getattr(record, "sc_fields", {})))
-
-
 @pytest.fixture(scope="module")
 def with_student(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     model_dir = tmp_path_factory.mktemp("served") / "model"
@@ -36,15 +27,15 @@ def with_student(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return model_dir
 
 
-@pytest.fixture
-def events() -> Any:
-    handler, logger = _Events(), logging.getLogger(updates.__name__)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+@pytest.fixture(autouse=True)
+def _info(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=updates.__name__)
+
+
+def _events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (r.getMessage(), getattr(r, "sc_fields", {})) for r in caplog.records if r.name == updates.__name__
+    ]
 
 
 def _settings(cascade: bool) -> Settings:
@@ -56,14 +47,14 @@ def test_the_cascade_is_off_by_default() -> None:
 
 
 def test_with_the_cascade_on_and_a_student_serving_runs_the_cascade(
-    with_student: Path, events: _Events
+    with_student: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     runtime = load_serving_runtime(_settings(True), with_student)
     assert isinstance(runtime, CascadeRuntime)
     assert runtime.version == runtime.transformer.version
     decided = runtime.predict_proba(["refund my card", "hello"])
     assert decided.decided_by is not None and len(decided.decided_by) == 2
-    assert "cascade_unavailable" not in [name for name, _ in events.events]
+    assert "cascade_unavailable" not in [name for name, _ in _events(caplog)]
 
 
 def test_with_the_cascade_off_a_student_is_not_used(with_student: Path) -> None:
@@ -71,13 +62,13 @@ def test_with_the_cascade_off_a_student_is_not_used(with_student: Path) -> None:
 
 
 def test_without_a_student_the_transformer_serves_alone_with_a_warning(
-    with_student: Path, tmp_path: Path, events: _Events
+    with_student: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     bare = tmp_path / "bare"
     shutil.copytree(with_student, bare, ignore=shutil.ignore_patterns(STUDENT_DIR))
     runtime = load_serving_runtime(_settings(True), bare)
     assert type(runtime) is ModelRuntime
     assert not (bare / STUDENT_DIR).exists()  # never built at load
-    unavailable = [fields for name, fields in events.events if name == "cascade_unavailable"]
+    unavailable = [fields for name, fields in _events(caplog) if name == "cascade_unavailable"]
     assert len(unavailable) == 1
     assert STUDENT_DIR in unavailable[0]["reason"]

@@ -41,24 +41,17 @@ class _Feedback:
         self.protected.append(labels)
 
 
-class _Events(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.events.append((record.getMessage(), getattr(record, "sc_fields", {})))
+@pytest.fixture(autouse=True)
+def _info(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=promoted_student.__name__)
 
 
-@pytest.fixture
-def events() -> Any:
-    handler, logger = _Events(), logging.getLogger(promoted_student.__name__)
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+def _events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (r.getMessage(), getattr(r, "sc_fields", {}))
+        for r in caplog.records
+        if r.name == promoted_student.__name__
+    ]
 
 
 def _promote(
@@ -88,13 +81,13 @@ def _promote(
 
 
 def test_a_promotion_with_the_cascade_on_installs_the_version_with_its_student(
-    tiny_model_dir: Path, tmp_path: Path, events: _Events
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     installed, settings = _promote(tiny_model_dir, tmp_path, cascade=True)
     version = ModelRuntime.load(installed, device="cpu").version
     assert Student.load(installed, model_version=version).labels
     assert isinstance(load_serving_runtime(settings, installed), CascadeRuntime)
-    assert [name for name, _ in events.events] == ["cascade_built"]
+    assert [name for name, _ in _events(caplog)] == ["cascade_built"]
 
 
 def test_a_promotion_with_the_cascade_off_builds_no_student(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -103,10 +96,10 @@ def test_a_promotion_with_the_cascade_off_builds_no_student(tiny_model_dir: Path
 
 
 def test_a_failed_build_is_logged_and_the_version_promoted_without_a_student(
-    tiny_model_dir: Path, tmp_path: Path, events: _Events
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     installed, settings = _promote(tiny_model_dir, tmp_path, cascade=True, examples=False)
     assert not (installed / STUDENT_DIR).exists()
-    failed = [fields for name, fields in events.events if name == "cascade_build_failed"]
+    failed = [fields for name, fields in _events(caplog) if name == "cascade_build_failed"]
     assert len(failed) == 1 and failed[0]["error_type"] == "TrainingError"
     assert type(load_serving_runtime(settings, installed)) is ModelRuntime
