@@ -273,15 +273,25 @@ class ConfluentConsumer:
         return self.end_offsets([partition])[partition]  # nothing fetched yet: no known lag
 
     def end_offsets(self, partitions: Sequence[Partition]) -> dict[Partition, int]:
+        # The high watermark each fetch response carries (cached: no request, so the I/O thread
+        # never waits here); a partition not fetched yet asks its leader, within 5 s. An
+        # uncached query can stall far past its timeout while the group rebalances.
         ends: dict[Partition, int] = {}
         for tp in partitions:
             _low, high = _call(
                 "reading end offsets",
                 self._consumer.get_watermark_offsets,
                 ck.TopicPartition(*tp),
-                timeout=5.0,
-                cached=False,
+                cached=True,
             )
+            if high < 0:
+                _low, high = _call(
+                    "reading end offsets",
+                    self._consumer.get_watermark_offsets,
+                    ck.TopicPartition(*tp),
+                    timeout=5.0,
+                    cached=False,
+                )
             ends[tp] = int(high)
         return ends
 
