@@ -53,6 +53,7 @@ DEFAULT_CORPORA = [
 
 from setfit_parity import (  # noqa: E402
     HYPERPARAMETERS,
+    _balanced_subset,
     _machine,
     _read_jsonl,
     _run_setfit,
@@ -164,15 +165,6 @@ def worker(kind: str, base: str) -> None:
 # --------------------------------------------------------------------------- the driver
 
 
-def _draw(rows: list[dict[str, str]], per_class: int, seed: int) -> list[dict[str, str]]:
-    """The same draw as stream_classifier.demo.balanced_subset (at most ``per_class`` a label)."""
-    from stream_classifier.demo import balanced_subset
-    from stream_classifier.model.examples import Example
-
-    chosen = balanced_subset([Example(r["text"], r["label"]) for r in rows], per_class, seed)
-    return [{"text": e.text, "label": e.label} for e in chosen]
-
-
 def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per corpus and size: each side's figures, and each side's paired difference to setfit."""
     rows = []
@@ -249,7 +241,7 @@ def drive(args: argparse.Namespace) -> None:
                 test_rows = _read_jsonl(DATASETS / dataset / "test.jsonl")[: args.test_limit]
                 for seed in range(args.seeds):
                     order = sides if seed % 2 == 0 else sides[::-1]
-                    train = _draw(train_rows, per_class, seed)
+                    train = _balanced_subset(train_rows, per_class, seed)
                     for side in order:
                         if (dataset, per_class, seed, side) in done:
                             continue

@@ -44,6 +44,7 @@ from stream_classifier.learn.updates import UpdatesFollower
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.transport import make_reader, make_transport
+from tests.fakes.learning import CountingSwapper, ManifestStore
 from tests.fixtures.broker import TEST_HEARTBEAT_MS, TEST_SESSION_TIMEOUT_MS, TRANSPORTS, produce, read_all
 from tests.fixtures.kafka_broker import (
     SCRAM_PRINCIPAL,
@@ -216,26 +217,6 @@ def test_demo_runs_against_a_secured_cluster(
 # --------------------------------------------------------------------------- the learning side's readers
 
 
-class _Store:
-    """What the updates follower reads of a store: the manifest's current version."""
-
-    class _Manifest:
-        current = "v1"
-
-    def read(self) -> Any:
-        return self._Manifest()
-
-
-class _Swapper:
-    def __init__(self) -> None:
-        self.checks = 0
-        self.metrics = Metrics(CollectorRegistry())
-
-    def swap_to(self, version: str) -> bool:
-        self.checks += 1
-        return False
-
-
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("listener", SECURED)
 def test_the_learning_side_reads_feedback_trusted_eval_and_updates_over_a_secured_listener(
@@ -271,8 +252,8 @@ def test_the_learning_side_reads_feedback_trusted_eval_and_updates_over_a_secure
         thread.join(15)
 
     # Model updates: an announcement, produced over the listener, makes the follower look again.
-    swapper = _Swapper()
-    follower = UpdatesFollower(settings, _Store(), swapper)  # type: ignore[arg-type]
+    swapper = CountingSwapper()
+    follower = UpdatesFollower(settings, ManifestStore(), swapper)  # type: ignore[arg-type]
     following = threading.Thread(target=follower.run, daemon=True)
     following.start()
     try:

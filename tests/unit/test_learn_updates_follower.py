@@ -11,31 +11,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from stream_classifier.config import Settings
 from stream_classifier.errors import TransportError
 from stream_classifier.learn import updates
 from stream_classifier.learn.updates import UpdatesFollower
-from stream_classifier.ops.metrics import Metrics
-
-
-class _Store:
-    class _Manifest:
-        current = "v1"
-
-    def read(self) -> Any:
-        return self._Manifest()
-
-
-class _Swapper:
-    def __init__(self) -> None:
-        self.checks = 0
-        self.metrics = Metrics(CollectorRegistry())
-
-    def swap_to(self, version: str) -> bool:
-        self.checks += 1
-        return False
+from tests.fakes.learning import CountingSwapper, ManifestStore
 
 
 class _Warnings(logging.Handler):
@@ -67,8 +48,8 @@ def test_a_denied_updates_topic_is_retried_with_a_backoff_and_logged_once(
         )
 
     monkeypatch.setattr(updates, "make_reader", make_reader)
-    swapper = _Swapper()
-    follower = UpdatesFollower(Settings(retrain={"manifest_poll_s": 0.5}), _Store(), swapper)  # type: ignore[arg-type]
+    swapper = CountingSwapper()
+    follower = UpdatesFollower(Settings(retrain={"manifest_poll_s": 0.5}), ManifestStore(), swapper)  # type: ignore[arg-type]
     thread = threading.Thread(target=follower.run, daemon=True)
     began = time.monotonic()
     thread.start()
