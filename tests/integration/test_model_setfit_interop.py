@@ -62,6 +62,29 @@ def _setfit_python() -> str:
     pytest.skip("no Python with setfit: set SETFIT_PYTHON (or create .venv-setfit) to run this interop test")
 
 
+SETFIT_READS = """
+import json, sys
+import numpy as np
+from setfit import SetFitModel
+model = SetFitModel.from_pretrained(sys.argv[1])
+print(json.dumps(np.asarray(model.predict_proba(json.loads(sys.argv[2]))).tolist()))
+"""
+
+
+def setfit_predict_proba(model_dir: Path, texts: list[str]) -> np.ndarray:
+    """setfit's own ``predict_proba`` of ``model_dir`` (skips without a Python that has setfit)."""
+    done = subprocess.run(
+        [_setfit_python(), "-c", SETFIT_READS, str(model_dir), json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.array(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def test_setfit_reads_ours_and_we_read_setfits(
     minilm_model_dir: Path, minilm_path: Path, tmp_path: Path
 ) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from stream_classifier.model.format import load_model, save_model
 from stream_classifier.model.int8 import ARTIFACT_DIR, ARTIFACT_MODEL, ARTIFACT_SPEC, ensure_artifact
 from stream_classifier.model.runtime import ModelRuntime
 from tests.fixtures.models import TRAIN_EXAMPLES
-from tests.integration.test_model_setfit_interop import _setfit_python
+from tests.integration.test_model_setfit_interop import setfit_predict_proba
 
 pytest.importorskip("onnxruntime")
 
@@ -198,30 +196,8 @@ def test_an_int8_store_builds_each_version_once(
     ModelRuntime.load(store.path_of("v1"), device="cpu", quantize="int8")
 
 
-SETFIT_READS = """
-import json, sys
-import numpy as np
-from setfit import SetFitModel
-model = SetFitModel.from_pretrained(sys.argv[1])
-print(json.dumps(np.asarray(model.predict_proba(json.loads(sys.argv[2]))).tolist()))
-"""
-
-
 def test_setfit_loads_a_directory_with_int8(int8_dir: Path, tmp_path: Path) -> None:
-    python = _setfit_python()  # skips without a Python that has setfit (SETFIT_PYTHON, .venv-setfit)
-    script = tmp_path / "setfit_reads.py"
-    script.write_text(SETFIT_READS, encoding="utf-8")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    done = subprocess.run(
-        [python, str(script), str(int8_dir), json.dumps(TEXTS)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    by_setfit = np.array(json.loads(done.stdout.strip().splitlines()[-1]))
+    by_setfit = setfit_predict_proba(int8_dir, TEXTS)
     ours = ModelRuntime.load(int8_dir, device="cpu", precision="fp32").predict_proba(TEXTS)
     np.testing.assert_allclose(by_setfit, ours, atol=1e-4)
 
