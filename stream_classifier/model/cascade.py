@@ -133,6 +133,10 @@ class CascadeRuntime:
         return self.transformer.precision
 
     @property
+    def quantize(self) -> str:
+        return str(self.transformer.quantize)
+
+    @property
     def bundle(self) -> Any:
         return self.transformer.bundle
 

@@ -36,7 +36,12 @@ class Classifier(Protocol):
     def device(self) -> object: ...
 
     @property
-    def precision(self) -> object: ...
+    def precision(self) -> object:
+        """What the body computes in (``fp32``, ``fp16``, ``bf16``)."""
+
+    @property
+    def quantize(self) -> str:
+        """``int8`` when the body runs int8 weights (fp32 around them), else ``none``."""
 
     def prepare(self, texts: Sequence[str]) -> Any:
         """The texts made ready for :meth:`infer` (tokenised, sorted, padded)."""

@@ -65,6 +65,7 @@ class PublishedBatch:
     labels: Sequence[str]  # the decided label of each message (the abstain label included)
     model_version: str
     abstained: Sequence[bool] = ()  # per message, when decisions are on
+    decided_by: Sequence[str] = ()  # per message, which model decided it (model.cascade)
 
 
 # Returns extra records to produce, each with the index (in the batch) of the message it
@@ -198,6 +199,7 @@ class Publisher:
             labels=labels,
             model_version=result.classifier.version,
             abstained=abstained if self._decider.active else (),
+            decided_by=[result.decided_by[i] for i in published] if result.decided_by else (),
         )
         try:
             extras = list(self._publish_hook(batch))

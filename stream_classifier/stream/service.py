@@ -432,7 +432,8 @@ class StreamService:
                 "version": runtime.version,
                 "base_model": runtime.base_model,
                 "device": str(runtime.device),
-                "precision": str(runtime.precision),
+                # int8 weights are what sets the speed and the accuracy, not the fp32 around them
+                "precision": "int8" if runtime.quantize == "int8" else str(runtime.precision),
             }
         )
         abstain_label = self._settings.decision.abstain_label

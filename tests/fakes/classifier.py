@@ -61,6 +61,7 @@ class StubClassifier:
         self.bundle = StubBundle()  # what an older loop reads base_model from
         self.device = "cpu"
         self.precision = "fp32"
+        self.quantize = "none"
         self.poison = poison
         self.delay_s = delay_s
         self.broken = False

@@ -216,3 +216,13 @@ def test_train_with_int8_saves_the_int8_body(
     assert main(args) == 0
     refuse_export(monkeypatch)
     ModelRuntime.load(output, device="cpu", quantize="int8").predict_proba(TEXTS)
+
+
+def test_an_int8_runtime_is_served_as_int8_in_model_info(int8_dir: Path) -> None:
+    from tests.fakes.harness import ServiceRig
+
+    runtime = ModelRuntime.load(int8_dir, device="cpu", quantize="int8")
+    rig = ServiceRig(classifier=runtime)  # type: ignore[arg-type]  # a real runtime
+    info = {"version": runtime.version, "base_model": runtime.base_model, "device": "cpu"}
+    assert runtime.precision == "fp32"  # it computes fp32 around the int8 weights
+    assert rig.metric("model_info", **info, precision="int8") == 1

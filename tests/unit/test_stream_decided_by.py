@@ -19,6 +19,7 @@ from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream import codec
 from stream_classifier.stream.classifier import decided_by
 from stream_classifier.stream.compute import ComputeWorker
+from stream_classifier.stream.output import PublishedBatch
 from stream_classifier.transport import Record
 from tests.fakes.classifier import StubClassifier, StubPrepared
 from tests.fakes.harness import ServiceRig, body, header
@@ -119,3 +120,37 @@ def test_the_loop_with_a_plain_runtime_writes_no_decider() -> None:
         rig.wait(lambda: len(rig.outputs()) == 1 and rig.committed_to_end())
     (output,) = rig.outputs()
     assert "decided_by" not in body(output) and header(output, codec.DECIDED_BY_HEADER) is None
+
+
+def test_the_publish_hook_sees_each_messages_decider() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def hook(batch: PublishedBatch) -> list[tuple[int, codec.OutgoingRecord]]:
+        seen.extend(zip(batch.texts, batch.decided_by, strict=True))
+        return []
+
+    rig = ServiceRig(classifier=CascadeLike(), publish_hook=hook)
+    with rig:
+        for i in range(4):
+            rig.send(f"easy {i}" if i % 2 else f"hard {i}", id=f"m{i}")
+        rig.wait(lambda: len(rig.outputs()) == 4 and rig.committed_to_end())
+    assert sorted(seen) == [
+        ("easy 1", STUDENT),
+        ("easy 3", STUDENT),
+        ("hard 0", TRANSFORMER),
+        ("hard 2", TRANSFORMER),
+    ]
+
+
+def test_the_publish_hook_of_a_plain_runtime_sees_no_deciders() -> None:
+    seen: list[Sequence[str]] = []
+
+    def hook(batch: PublishedBatch) -> list[tuple[int, codec.OutgoingRecord]]:
+        seen.append(batch.decided_by)
+        return []
+
+    rig = ServiceRig(publish_hook=hook)
+    with rig:
+        rig.send("hello", id="m0")
+        rig.wait(lambda: len(rig.outputs()) == 1 and rig.committed_to_end())
+    assert seen == [()]
