@@ -1,7 +1,7 @@
 """Two serving replicas follow the version the trainer publishes, and a CLI rollback.
 
-Real broker, real MiniLM. The replicas run without retraining but with the shared model
-store; the trainer is ``stream-classifier retrain``'s code path; the rollback is the
+Both brokers (Tansu and Apache Kafka), real MiniLM. The replicas run without retraining but
+with the shared model store; the trainer is ``stream-classifier retrain``'s code path; the rollback is the
 ``models promote`` command itself.
 """
 
@@ -25,6 +25,7 @@ from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.service import StreamService
 from stream_classifier.transport import make_transport
 from tests.fixtures.broker import produce
+from tests.fixtures.kafka_broker import BrokerTarget
 from tests.integration.retrain_support import good_feedback, learn_settings, seeded_store, send_feedback
 from tests.integration.service_support import running_service
 
@@ -55,8 +56,10 @@ def serve_until_all_on(broker: str, topic: str, services: list[StreamService], v
 
 
 def test_two_replicas_pick_up_the_published_version_and_a_rollback(
-    *, broker: str, topic_factory, kafka_settings, minilm_model_dir: Path, tmp_path: Path, capsys
+    any_broker: BrokerTarget, minilm_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """On both brokers: feedback and the model-updates topic on the broker under test."""
+    broker, topic_factory, kafka_settings = any_broker.bootstrap, any_broker.topic, any_broker.settings
     source, out, dlq = topic_factory("in", partitions=2), topic_factory("out"), topic_factory("dlq")
     feedback, updates = topic_factory("fb"), topic_factory("upd")
     store = seeded_store(minilm_model_dir, tmp_path / "store")
