@@ -142,7 +142,7 @@ class RetrainSettings(Section):
             "'model.max_seq_length'."
         ),
     )
-    recipe: Literal["setfit", "fast", "anchors", "centroid", "supcon", "combined"] = Field(
+    recipe: Literal["setfit", "fast", "anchors", "centroid", "names", "supcon", "combined"] = Field(
         default="setfit",
         description=(
             "Training recipe (docs/models.md#training-recipe): 'setfit' is plain SetFit; the others are "

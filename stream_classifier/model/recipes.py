@@ -8,6 +8,7 @@ others are the candidates, each a part or a combination of parts:
 - ``fast``: no ``(x, x)`` pairs, and the training length fitted to short texts;
 - ``anchors``: cleaned label names as extra contrastive examples, behind the zero-shot gate;
 - ``centroid``: a nearest-centroid cosine score blended into the logistic head;
+- ``names``: the cleaned label names' cosine added to the logits, behind the zero-shot gate;
 - ``supcon``: SupCon on class-balanced P×K batches instead of cosine loss on pairs;
 - ``combined``: ``fast`` + ``anchors`` + ``centroid``.
 """
@@ -23,6 +24,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "fast": {"drop_self_pairs": True, "fit_max_length": True},
     "anchors": {"label_anchors": "gated"},
     "centroid": {"centroid_weight": 0.5},
+    "names": {"label_prior": "gated"},
     "supcon": {"loss": "supcon"},
     "combined": {
         "drop_self_pairs": True,
@@ -36,7 +38,15 @@ DEFAULT_RECIPE = "setfit"
 # Settings that change the body's training; a recipe differing only elsewhere (the head)
 # trains the same body from the same examples and seed.
 HEAD_SETTINGS = frozenset(
-    {"recipe", "centroid_weight", "centroid_temperature", "head_only", "show_progress_bar"}
+    {
+        "recipe",
+        "centroid_weight",
+        "centroid_temperature",
+        "label_prior",
+        "label_prior_weight",
+        "head_only",
+        "show_progress_bar",
+    }
 )
 
 

@@ -40,7 +40,7 @@ from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from stream_classifier.errors import ModelError, TrainingError
-from stream_classifier.model.anchors import anchor_examples, zero_shot_gate
+from stream_classifier.model.anchors import anchor_examples, label_prior, zero_shot_gate
 from stream_classifier.model.examples import Example, cap_per_label, fingerprint
 from stream_classifier.model.format import (
     METADATA_FILE,
@@ -95,6 +95,9 @@ class TrainingConfig(BaseModel):
     # Cleaned label names as extra contrastive examples: never, when the zero-shot gate
     # passes (model/anchors.py), or always.
     label_anchors: Literal["off", "gated", "on"] = "off"
+    # logits + weight * cos(x, name_k) folded into the head, under the same gate (model/anchors.py).
+    label_prior: Literal["off", "gated", "on"] = "off"
+    label_prior_weight: float = Field(default=2.0, gt=0)
     # Nearest-centroid blend folded into the logistic head (model/geometry.py); 0 = none.
     centroid_weight: float = Field(default=0.0, ge=0, le=1)
     centroid_temperature: float = Field(default=0.1, gt=0)
@@ -396,6 +399,7 @@ def train_model(
     started = time.perf_counter()
     body_stats: dict[str, Any] = {"steps": 0}
     notes: dict[str, Any] = {}
+    prior_gate = zero_shot_gate(body, examples) if config.label_prior == "gated" else None  # base body
     if not config.head_only:
         body_stats = fine_tune_body(body, _body_examples(body, examples, config, notes), config, resolved)
     body.to(resolved)
@@ -413,6 +417,8 @@ def train_model(
         config.centroid_weight,
         config.centroid_temperature,
     )
+    if config.label_prior != "off":
+        head = label_prior(head, body, config.label_prior_weight, prior_gate, notes)
     body.to("cpu")
     n, sha = fingerprint(examples)
     seconds = round(time.perf_counter() - started, 3)

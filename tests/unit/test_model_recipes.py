@@ -14,7 +14,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from stream_classifier.errors import ConfigError, TrainingError
-from stream_classifier.model.anchors import anchor_examples, clean_label, zero_shot_gate
+from stream_classifier.model.anchors import anchor_examples, clean_label, label_prior, zero_shot_gate
 from stream_classifier.model.examples import Example
 from stream_classifier.model.format import load_body, load_model, save_model
 from stream_classifier.model.geometry import blend_centroid
@@ -68,6 +68,35 @@ def test_zero_shot_gate_passes_names_the_body_reads_and_refuses_codes(minilm_pat
     codes = {"sports": "LABEL_2", "food": "LABEL_0", "weather": "LABEL_1"}
     coded = [Example(e.text, codes[e.label]) for e in named]
     assert not zero_shot_gate(body, coded).use
+
+
+@pytest.mark.parametrize("labels", [["food", "sports", "weather"], ["food", "sports"]])
+def test_the_label_prior_adds_the_names_cosine_to_the_logits(minilm_path: Path, labels: list[str]) -> None:
+    body = load_body(minilm_path, device="cpu")
+    texts = {"food": "bake the bread", "sports": "the striker scored twice", "weather": "heavy rain tonight"}
+    x = np.asarray(
+        body.encode([texts[label] for label in labels], normalize_embeddings=True), dtype=np.float64
+    )
+    plain = fit_head(x, labels)
+    notes: dict[str, object] = {}
+    prior = label_prior(plain, body, 2.0, None, notes)
+    names = np.asarray(body.encode(labels, normalize_embeddings=True), dtype=np.float64)
+    cosine = x @ names.T
+    if len(labels) == 2:  # binary: the one score is class 1's logit minus class 0's
+        cosine = cosine[:, 1:] - cosine[:, :1]
+    np.testing.assert_allclose(prior.scores(x), plain.scores(x) + 2.0 * cosine, atol=1e-6)
+    assert notes == {"label_prior": True}
+    assert isinstance(prior.to_sklearn(np.arange(len(labels))), LogisticRegression)  # setfit loads it
+
+
+def test_a_refusing_gate_leaves_the_head_as_it_was(minilm_path: Path) -> None:
+    body = load_body(minilm_path, device="cpu")
+    x = np.asarray(body.encode(["a", "b"], normalize_embeddings=True), dtype=np.float64)
+    plain = fit_head(x, ["LABEL_0", "LABEL_1"])
+    notes: dict[str, object] = {}
+    refused = zero_shot_gate(body, [Example("a", "LABEL_0"), Example("b", "LABEL_1")])
+    assert label_prior(plain, body, 2.0, refused, notes) is plain
+    assert notes["label_prior"] is False and "zero_shot_accuracy" in notes["label_prior_gate"]  # type: ignore[operator]
 
 
 # --------------------------------------------------------------------------- pairs
@@ -186,6 +215,7 @@ def test_recipes_are_presets_and_setfit_is_plain_setfit() -> None:
     with pytest.raises(ConfigError, match="unknown training recipe 'best'"):
         TrainingConfig(recipe="best")
     assert TrainingConfig(**base, recipe="centroid").body_key() == plain.body_key()  # other head only
+    assert TrainingConfig(**base, recipe="names").body_key() == plain.body_key()
     assert fast.body_key() != plain.body_key()
 
 
@@ -205,6 +235,8 @@ def test_every_recipe_trains_saves_and_loads(recipe: str, tiny_body_path: Path, 
     assert bundle.metadata.params["body"]["steps"] == 3
     if config.label_anchors == "gated":  # a random body reads no names: the gate refuses
         assert bundle.metadata.params["recipe_notes"]["anchors"] is False
+    if config.label_prior == "gated":
+        assert bundle.metadata.params["recipe_notes"]["label_prior"] is False
     loaded = load_model(save_model(bundle, tmp_path / "model"))
     texts = [e.text for e in TRAIN_EXAMPLES[:5]]
     before = ModelRuntime(bundle, device="cpu", precision="fp32").predict_proba(texts)
