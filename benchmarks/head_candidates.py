@@ -109,6 +109,7 @@ def _dev_split(
 def probe(corpus: str, base: Any, args: argparse.Namespace) -> dict[str, Any]:
     from stream_classifier.model.anchors import clean_label, zero_shot_gate
     from stream_classifier.model.examples import Example
+    from stream_classifier.model.geometry import centroid_scores
     from stream_classifier.model.training import TrainingConfig, encode, train_model
 
     seed, per_class, pool_size = args.seed, args.per_class, args.pool
@@ -153,10 +154,8 @@ def probe(corpus: str, base: Any, args: argparse.Namespace) -> dict[str, Any]:
     head = _lr(xtr, ytr)
     z = _logits(head, xdev)
     scores: dict[str, float] = {"lr": accuracy(z)}
-    mu = xtr.mean(axis=0)
-    centroids = np.stack([(xtr[ytr == c] - mu).mean(axis=0) for c in labels])
-    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    scores["centroid"] = accuracy(0.5 * z + 0.5 * ((xdev - mu) @ centroids.T) / 0.1)
+    coef, intercept = centroid_scores(xtr, ytr, labels, 0.1)
+    scores["centroid"] = accuracy(0.5 * z + 0.5 * (xdev @ coef.T + intercept))
     for weight in NAME_WEIGHTS:
         scores[f"names {weight:g}"] = accuracy(z + weight * (xdev @ names.T))
     scores["names gated"] = accuracy(z + (GATED_NAME_WEIGHT if gate.use else 0.0) * (xdev @ names.T))

@@ -5,15 +5,11 @@ Gate: the base body's zero-shot accuracy on the training texts (each text assign
 label whose cleaned name it is most cosine-similar to) must be above chance ``1/k`` by
 more than two binomial standard errors, ``2 * sqrt(p (1 - p) / n)``. Names that mean
 nothing to the body ("LABEL_3", codes) fail the gate and change nothing.
-
-The label prior (``label_prior``) adds ``weight * x . n_k`` to class ``k``'s logit, ``n_k``
-the unit embedding of its cleaned name by the (fine-tuned) body: linear in ``x``, so it folds
-into the head's ``coef`` and the saved head stays an ordinary ``LogisticRegression``.
+The gate also decides the label-name prior (``model/geometry.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Sequence
@@ -23,7 +19,6 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from stream_classifier.model.examples import Example
-from stream_classifier.model.head import LinearHead
 
 # Newsgroup-style hierarchy words that say nothing about the topic ("comp.sys.mac.hardware").
 _HIERARCHY = {"alt", "comp", "misc", "ms", "os", "rec", "sci", "soc", "sys", "talk"}
@@ -64,24 +59,3 @@ def zero_shot_gate(body: SentenceTransformer, examples: Sequence[Example]) -> An
 def anchor_examples(labels: Sequence[str]) -> list[Example]:
     """One example per label: its cleaned name."""
     return [Example(clean_label(label), label) for label in sorted(set(labels))]
-
-
-def label_prior(
-    head: LinearHead,
-    body: SentenceTransformer,
-    weight: float,
-    gate: AnchorDecision | None,
-    notes: dict[str, object],
-) -> LinearHead:
-    """``head`` with the label-name prior folded in, unless ``gate`` (None: no gate) refuses;
-    the decision goes into ``notes``."""
-    if gate is not None:
-        notes["label_prior_gate"] = {"zero_shot_accuracy": gate.zero_shot_accuracy, "bar": gate.bar}
-    notes["label_prior"] = gate is None or gate.use
-    if not notes["label_prior"]:
-        return head
-    names = np.asarray(body.encode([clean_label(c) for c in head.classes], normalize_embeddings=True))
-    coef = weight * names.astype(np.float64)
-    if head.coef.shape[0] == 1:  # binary: one row scoring class 1 against class 0
-        coef = coef[1:] - coef[:1]
-    return dataclasses.replace(head, coef=head.coef + coef)

@@ -40,7 +40,7 @@ from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
 from stream_classifier.errors import ModelError, TrainingError
-from stream_classifier.model.anchors import anchor_examples, label_prior, zero_shot_gate
+from stream_classifier.model.anchors import AnchorDecision, anchor_examples, zero_shot_gate
 from stream_classifier.model.examples import Example, cap_per_label, fingerprint
 from stream_classifier.model.format import (
     METADATA_FILE,
@@ -51,7 +51,7 @@ from stream_classifier.model.format import (
     new_version_id,
     utc_now_iso,
 )
-from stream_classifier.model.geometry import blend_centroid
+from stream_classifier.model.geometry import add_label_prior, blend_centroid
 from stream_classifier.model.head import LinearHead
 from stream_classifier.model.pairs import ContrastivePairs, SamplingStrategy
 from stream_classifier.model.recipes import HEAD_SETTINGS, recipe_parts
@@ -362,17 +362,17 @@ def _base(base: str | Path | SentenceTransformer | ModelBundle) -> _Base:
 
 
 def _body_examples(
-    body: SentenceTransformer, examples: list[Example], config: TrainingConfig, notes: dict[str, Any]
+    examples: list[Example], config: TrainingConfig, gate: AnchorDecision | None, notes: dict[str, Any]
 ) -> list[Example]:
     """The contrastive stage's examples: the training examples, plus the label anchors when
-    ``label_anchors`` is on, or gated and the base body passes the gate (noted in ``notes``)."""
+    ``label_anchors`` is on, or gated and the base body passed ``gate`` (noted in ``notes``)."""
     if config.label_anchors == "off":
         return examples
     use = True
     if config.label_anchors == "gated":
-        decision = zero_shot_gate(body, examples)
-        notes["anchors_gate"] = {"zero_shot_accuracy": decision.zero_shot_accuracy, "bar": decision.bar}
-        use = decision.use
+        assert gate is not None
+        notes["anchors_gate"] = {"zero_shot_accuracy": gate.zero_shot_accuracy, "bar": gate.bar}
+        use = gate.use
     notes["anchors"] = use
     return examples + anchor_examples([e.label for e in examples]) if use else examples
 
@@ -399,9 +399,10 @@ def train_model(
     started = time.perf_counter()
     body_stats: dict[str, Any] = {"steps": 0}
     notes: dict[str, Any] = {}
-    prior_gate = zero_shot_gate(body, examples) if config.label_prior == "gated" else None  # base body
+    gated = "gated" in (config.label_anchors, config.label_prior)
+    gate = zero_shot_gate(body, examples) if gated else None  # on the base body, once
     if not config.head_only:
-        body_stats = fine_tune_body(body, _body_examples(body, examples, config, notes), config, resolved)
+        body_stats = fine_tune_body(body, _body_examples(examples, config, gate, notes), config, resolved)
     body.to(resolved)
     embeddings = encode(
         body,
@@ -418,7 +419,8 @@ def train_model(
         config.centroid_temperature,
     )
     if config.label_prior != "off":
-        head = label_prior(head, body, config.label_prior_weight, prior_gate, notes)
+        prior_gate = gate if config.label_prior == "gated" else None
+        head = add_label_prior(head, body, config.label_prior_weight, prior_gate, notes)
     body.to("cpu")
     n, sha = fingerprint(examples)
     seconds = round(time.perf_counter() - started, 3)

@@ -14,10 +14,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from stream_classifier.errors import ConfigError, TrainingError
-from stream_classifier.model.anchors import anchor_examples, clean_label, label_prior, zero_shot_gate
+from stream_classifier.model.anchors import anchor_examples, clean_label, zero_shot_gate
 from stream_classifier.model.examples import Example
 from stream_classifier.model.format import load_body, load_model, save_model
-from stream_classifier.model.geometry import blend_centroid
+from stream_classifier.model.geometry import add_label_prior, blend_centroid
 from stream_classifier.model.pairs import ContrastivePairs
 from stream_classifier.model.recipes import RECIPES
 from stream_classifier.model.runtime import ModelRuntime
@@ -79,7 +79,7 @@ def test_the_label_prior_adds_the_names_cosine_to_the_logits(minilm_path: Path, 
     )
     plain = fit_head(x, labels)
     notes: dict[str, object] = {}
-    prior = label_prior(plain, body, 2.0, None, notes)
+    prior = add_label_prior(plain, body, 2.0, None, notes)
     names = np.asarray(body.encode(labels, normalize_embeddings=True), dtype=np.float64)
     cosine = x @ names.T
     if len(labels) == 2:  # binary: the one score is class 1's logit minus class 0's
@@ -95,7 +95,7 @@ def test_a_refusing_gate_leaves_the_head_as_it_was(minilm_path: Path) -> None:
     plain = fit_head(x, ["LABEL_0", "LABEL_1"])
     notes: dict[str, object] = {}
     refused = zero_shot_gate(body, [Example("a", "LABEL_0"), Example("b", "LABEL_1")])
-    assert label_prior(plain, body, 2.0, refused, notes) is plain
+    assert add_label_prior(plain, body, 2.0, refused, notes) is plain
     assert notes["label_prior"] is False and "zero_shot_accuracy" in notes["label_prior_gate"]  # type: ignore[operator]
 
 
