@@ -10,6 +10,9 @@
 - A stable transactional id: a SIGKILLed instance's open transaction is fenced when the
   instance restarts, so ``read_committed`` readers see the restarted instance's outputs long
   before the transaction timeout (with a random id per process they waited for it).
+- After an aborted transaction (here the broker fenced it) no partition keeps a commit
+  point reached inside it, so the next transaction cannot commit the offset of outputs that
+  were aborted.
 
 Each of these failed on the service before its fix (docs/reliability.md records how).
 """
@@ -26,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from stream_classifier.app import App
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics
+from stream_classifier.transport import make_transport
+from stream_classifier.transport.base import Consumer, Partition, Producer, Record, Transport
 from tests.faults.support import PacedFeeder, message, output_ids
 from tests.fixtures.broker import TRANSPORTS, committed_offsets, produce
 from tests.fixtures.kafka_broker import ApacheKafka, create_kafka_topics, kafka_settings_factory
@@ -234,3 +239,97 @@ def test_a_restarted_instance_fences_its_crashed_transaction_at_once(
         uncommitted.close()
         committed.close()
     assert counts == Counter({f"m{i}": 1 for i in range(n)})
+
+
+class _WithholdingConsumer:
+    """A real consumer whose polls leave out ``withheld``'s records: a fetch of that partition
+    that has not come back yet (the consumer's position still moves past them)."""
+
+    def __init__(self, consumer: Consumer, withheld: Partition) -> None:
+        self._consumer = consumer
+        self._withheld = withheld
+
+    def poll(self, timeout_s: float, max_records: int) -> list[Record]:
+        return [r for r in self._consumer.poll(timeout_s, max_records) if r.tp != self._withheld]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+class _FetchDelayedAfterReconnect:
+    """The real transport, except that every consumer after the first (the service's clients
+    after a reconnect) withholds one partition's records."""
+
+    def __init__(self, transport: Transport, withheld: Partition) -> None:
+        self._transport = transport
+        self._withheld = withheld
+        self.consumers = 0
+
+    def consumer(self, *, read_committed: bool = False) -> Consumer:
+        consumer = self._transport.consumer(read_committed=read_committed)
+        self.consumers += 1
+        if self.consumers == 1:
+            return consumer
+        return _WithholdingConsumer(consumer, self._withheld)
+
+    def producer(self, *, transactional_id: str | None = None) -> Producer:
+        return self._transport.producer(transactional_id=transactional_id)
+
+
+def test_an_aborted_transaction_leaves_no_commit_point_behind_on_apache_kafka(
+    kafka_cluster: ApacheKafka, kafka_topic_factory: Callable[..., str], tiny_model_dir: Path
+) -> None:
+    """Partition 0's ten outputs are in a transaction that the broker aborts (a producer with
+    the same transactional id fences it), so the commit fails and the service reconnects.
+    Partition 0 has nothing pending then. Its records do not come back before the next
+    transaction (one output of partition 1) commits at shutdown. Before the fix partition 0
+    kept the commit point 10 reached inside the aborted transaction, and that transaction
+    committed it: the next owner started at 10 and ten outputs were lost.
+
+    The fence is what a restarted instance with the same transactional id does to a zombie.
+    kafka-python only: a fenced librdkafka producer is fatal (the service stops with an
+    error and its restart reads from the committed offsets), so no commit point survives."""
+    broker = kafka_cluster.plaintext
+    source, out, dlq = (
+        kafka_topic_factory("in", partitions=2),
+        kafka_topic_factory("out"),
+        kafka_topic_factory("dlq"),
+    )
+    kafka = kafka_settings_factory(kafka_cluster, "kafka-python")(
+        input_topics=[source], output_topic=out, dead_letter_topic=dlq
+    )
+    # The first commit, 8 s after the start, finds the transaction fenced.
+    settings = _eos(kafka, "abort", commit_interval_ms=8_000)
+    transactional_id = settings.processing.transactional_id
+    assert transactional_id is not None
+    transport = _FetchDelayedAfterReconnect(make_transport(kafka), withheld=Partition(source, 0))
+    runtime = ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32")
+    produce(broker, source, [(None, message(i)) for i in range(10)], partition=0)
+    uncommitted = TopicReader(broker, out)
+    committed = CommittedReader(broker, out)
+    try:
+        with running_service(settings, runtime, transport=transport) as service:
+            uncommitted.wait_for(lambda rs: len(rs) >= 10, 60, "10 outputs in the open transaction")
+            fencer = KafkaProducer(bootstrap_servers=broker, transactional_id=transactional_id)
+            fencer.init_transactions()  # aborts the open transaction
+            fencer.close()
+            wait_until(
+                lambda: transport.consumers == 2 and len(service.assignment) == 2,
+                60,
+                "the failed commit to reconnect the clients",
+            )
+            produce(broker, source, [(None, message(10))], partition=1)
+            uncommitted.wait_for(lambda rs: "m10" in output_ids(rs), 60, "the output of partition 1")
+        offsets = committed_offsets(broker, kafka.group_id, source)
+        assert offsets.get(0) in (None, 0), f"partition 0 committed at {offsets.get(0)} without its outputs"
+        with running_service(
+            _eos(kafka, "next"), ModelRuntime.load(tiny_model_dir, device="cpu", precision="fp32")
+        ):
+            uncommitted.wait_for(
+                lambda rs: output_ids(rs)["m0"] >= 2, 60, "partition 0 read again by its next owner"
+            )
+        counts = output_ids(committed.settled())
+    finally:
+        uncommitted.close()
+        committed.close()
+    assert counts == Counter({f"m{i}": 1 for i in range(11)})

@@ -22,6 +22,7 @@ from stream_classifier.config import KafkaSettings, Settings
 from stream_classifier.model.runtime import ModelRuntime
 from stream_classifier.ops.metrics import Metrics
 from stream_classifier.stream.service import PublishHook, StreamService
+from stream_classifier.transport.base import Transport
 from tests.fixtures.broker import (
     TEST_HEARTBEAT_MS,
     TEST_SESSION_TIMEOUT_MS,
@@ -42,7 +43,11 @@ def service_settings(kafka: KafkaSettings, **sections: Any) -> Settings:
 
 @contextmanager
 def running_service(
-    settings: Settings, runtime: ModelRuntime, *, publish_hook: PublishHook | None = None
+    settings: Settings,
+    runtime: ModelRuntime,
+    *,
+    publish_hook: PublishHook | None = None,
+    transport: Transport | None = None,
 ) -> Iterator[StreamService]:
     """The service, built by the composition root, on a thread of this process; stopped
     (gracefully) on exit, failing the test if it ended early or did not stop."""
@@ -50,6 +55,7 @@ def running_service(
         settings,
         runtime=runtime,
         metrics=Metrics(CollectorRegistry()),
+        transport=transport,
         publish_hook=publish_hook,
         ops=False,
         learning=False,
