@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.support import SCALES, PacedFeeder, Scale, model_for, output_ids, seeded_rng
+from tests.faults.support import (
+    SCALES,
+    PacedFeeder,
+    Scale,
+    crash_suite_broker,
+    model_for,
+    output_ids,
+    seeded_rng,
+)
 from tests.fixtures.broker import committed_offsets
 from tests.fixtures.kafka_broker import BrokerTarget
 from tests.integration.service_support import (
@@ -38,6 +46,7 @@ def test_repeated_sigkill_loses_nothing_and_duplicates_stay_bounded(
     any_broker: BrokerTarget, tmp_path: Path, request: pytest.FixtureRequest, scale: Scale
 ) -> None:
     """On both brokers (kafka-python: no Tansu work-around is in this test's config)."""
+    crash_suite_broker(any_broker.is_tansu, scale)
     broker, topic_factory = any_broker.bootstrap, any_broker.topic
     rng = seeded_rng(request)
     model = model_for(scale, request)
@@ -92,6 +101,7 @@ def test_replica_loss_the_survivor_takes_over(
     any_broker: BrokerTarget, tmp_path: Path, request: pytest.FixtureRequest, scale: Scale
 ) -> None:
     """On both brokers: one of two `serve` replicas in a group is SIGKILLed."""
+    crash_suite_broker(any_broker.is_tansu, scale)
     model = model_for(scale, request)
     broker = any_broker.bootstrap
     topics = serve_topics(any_broker.topic, partitions=4)

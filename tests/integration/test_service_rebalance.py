@@ -11,7 +11,12 @@ from kafka import KafkaProducer
 
 from stream_classifier.model.runtime import ModelRuntime
 from tests.fixtures.broker import TRANSPORTS, TopicFactory, committed_offsets, produce
-from tests.fixtures.kafka_broker import ApacheKafka, BrokerTarget, kafka_settings_factory
+from tests.fixtures.kafka_broker import (
+    ApacheKafka,
+    BrokerTarget,
+    kafka_settings_factory,
+    unavailable_reason,
+)
 from tests.integration.service_support import (
     TopicReader,
     output_body,
@@ -27,7 +32,13 @@ pytestmark = pytest.mark.integration
 def test_rebalance_between_two_instances_loses_nothing(
     any_broker: BrokerTarget, tiny_model_dir: Path, transport: str
 ) -> None:
-    """On both brokers and both transports."""
+    """On both brokers and both transports; on Tansu librdkafka only where Apache Kafka is missing.
+
+    Tansu's group joins take ``session_timeout_ms / 2`` each, so the librdkafka case costs ~80 s
+    of CI's 30 minutes there and ~9 s on Apache Kafka.
+    """
+    if any_broker.is_tansu and transport == "confluent" and unavailable_reason() is None:
+        pytest.skip("librdkafka's rebalance runs on Apache Kafka (on Tansu where Java is missing)")
     broker, topic_factory, kafka_settings = any_broker.bootstrap, any_broker.topic, any_broker.settings
     source, out, dlq = topic_factory("in", partitions=4), topic_factory("out"), topic_factory("dlq")
     kafka = kafka_settings(input_topics=[source], output_topic=out, dead_letter_topic=dlq)
