@@ -23,8 +23,6 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from tests.fixtures.kafka_broker import unavailable_reason
-
 SOAK = os.environ.get("STREAM_CLASSIFIER_TEST_SOAK") == "1"
 
 
@@ -53,15 +51,6 @@ SCALES = [
         ],
     ),
 ]
-
-
-def crash_suite_broker(is_tansu: bool, scale: Scale) -> None:
-    """At CI scale a process-level crash suite runs on one broker: Apache Kafka, the broker users
-    run, wherever Java and its jars are there; Tansu only where they are not. Soak mode runs both.
-    Each Tansu case costs 30-80 s of CI's 30-minute budget and proves nothing the Kafka one does not.
-    """
-    if is_tansu and scale is CI and unavailable_reason() is None:
-        pytest.skip("CI scale runs the crash suites on Apache Kafka (Tansu without Java, and in soak mode)")
 
 
 def model_for(scale: Scale, request: pytest.FixtureRequest) -> Path:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.faults.support import (
+    CI,
     SCALES,
     PacedFeeder,
     Scale,
-    crash_suite_broker,
     model_for,
     output_ids,
     seeded_rng,
@@ -46,7 +46,8 @@ def test_repeated_sigkill_loses_nothing_and_duplicates_stay_bounded(
     any_broker: BrokerTarget, tmp_path: Path, request: pytest.FixtureRequest, scale: Scale
 ) -> None:
     """On both brokers (kafka-python: no Tansu work-around is in this test's config)."""
-    crash_suite_broker(any_broker.is_tansu, scale)
+    if scale is CI:
+        any_broker.only_on_apache_kafka_where_it_runs("the crash suites at CI scale (both in soak mode)")
     broker, topic_factory = any_broker.bootstrap, any_broker.topic
     rng = seeded_rng(request)
     model = model_for(scale, request)
@@ -101,7 +102,8 @@ def test_replica_loss_the_survivor_takes_over(
     any_broker: BrokerTarget, tmp_path: Path, request: pytest.FixtureRequest, scale: Scale
 ) -> None:
     """On both brokers: one of two `serve` replicas in a group is SIGKILLed."""
-    crash_suite_broker(any_broker.is_tansu, scale)
+    if scale is CI:
+        any_broker.only_on_apache_kafka_where_it_runs("the crash suites at CI scale (both in soak mode)")
     model = model_for(scale, request)
     broker = any_broker.bootstrap
     topics = serve_topics(any_broker.topic, partitions=4)

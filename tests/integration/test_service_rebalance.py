@@ -15,7 +15,6 @@ from tests.fixtures.kafka_broker import (
     ApacheKafka,
     BrokerTarget,
     kafka_settings_factory,
-    unavailable_reason,
 )
 from tests.integration.service_support import (
     TopicReader,
@@ -37,8 +36,8 @@ def test_rebalance_between_two_instances_loses_nothing(
     Tansu's group joins take ``session_timeout_ms / 2`` each, so the librdkafka case costs ~80 s
     of CI's 30 minutes there and ~9 s on Apache Kafka.
     """
-    if any_broker.is_tansu and transport == "confluent" and unavailable_reason() is None:
-        pytest.skip("librdkafka's rebalance runs on Apache Kafka (on Tansu where Java is missing)")
+    if transport == "confluent":
+        any_broker.only_on_apache_kafka_where_it_runs("librdkafka's rebalance (Tansu's joins cost it ~80 s)")
     broker, topic_factory, kafka_settings = any_broker.bootstrap, any_broker.topic, any_broker.settings
     source, out, dlq = topic_factory("in", partitions=4), topic_factory("out"), topic_factory("dlq")
     kafka = kafka_settings(input_topics=[source], output_topic=out, dead_letter_topic=dlq)
