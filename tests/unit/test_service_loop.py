@@ -167,6 +167,7 @@ def test_a_partition_revoked_and_reassigned_is_read_again_from_its_oldest_droppe
         rig.transport.rebalance(revoke=[P0], assign=[P0])  # kafka-python keeps P0's fetch position
         rig.wait(lambda: rig.metric("rebalances_total") == rebalances + 2, what="the rebalance")
         assert rig.transport.last_consumer.assignment() == {P0, P1}
+        assert rig.service.assignment == {P0, P1}  # as the callbacks said, read without the client
         rig.classifier.release()
         rig.wait(lambda: rig.committed_to_end() and len(rig.sources().get(0, [])) >= 10)
     sources = rig.sources()
@@ -185,6 +186,7 @@ def test_lost_partitions_drop_their_results_and_are_read_again_from_the_committe
         rig.transport.rebalance(lost=[P0])
         rig.wait(lambda: rig.metric("rebalances_total") == rebalances + 1, what="the loss")
         assert rig.transport.last_consumer.assignment() == set()
+        assert rig.service.assignment == set()
         rig.classifier.release()  # the results of the lost partition come back and are discarded
         rig.wait(lambda: rig.classifier.held == 0, what="the held batch to finish")
         rig.transport.rebalance(assign=[P0])  # back, from the committed offset 10
