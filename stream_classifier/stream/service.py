@@ -115,7 +115,7 @@ class StreamService:
         self._runtime_backoff = Backoff("runtime", min_s=0.5, max_s=30.0)
         self._consumer: Consumer | None = None
         # What the rebalance callbacks last left this instance (swapped whole: read lock-free).
-        self._held: frozenset[Partition] = frozenset()
+        self._assigned: frozenset[Partition] = frozenset()
         self._pauses = Pauses(settings.batching.max_in_flight)
         self._last_commit = 0.0
         self._next_lag_refresh = 0.0
@@ -176,7 +176,7 @@ class StreamService:
         """The input partitions this instance holds now, as the rebalance callbacks last said.
         Never blocks: librdkafka's ``assignment()`` called from another thread waits seconds
         while a rebalance is under way."""
-        return set(self._held)
+        return set(self._assigned)
 
     @property
     def in_flight(self) -> int:
@@ -189,14 +189,14 @@ class StreamService:
         log_event(logger, "partitions_revoked", partitions=[f"{t}:{p}" for t, p in partitions])
         self.metrics.rebalances.inc()
         self.health.set_consumer_joined(False)
-        self._held = self._held - set(partitions)
+        self._assigned = self._assigned - set(partitions)
         self._release(set(partitions), lost=False)
 
     def on_lost(self, partitions: Sequence[Partition]) -> None:
         log_event(logger, "partitions_lost", logging.WARNING, partitions=[f"{t}:{p}" for t, p in partitions])
         self.metrics.rebalances.inc()
         self.health.set_consumer_joined(False)
-        self._held = self._held - set(partitions)
+        self._assigned = self._assigned - set(partitions)
         self._release(set(partitions), lost=True)
 
     def _release(self, partitions: set[Partition], *, lost: bool) -> None:
@@ -211,7 +211,7 @@ class StreamService:
         log_event(logger, "partitions_assigned", partitions=[f"{t}:{p}" for t, p in partitions])
         self.metrics.rebalances.inc()
         self.health.set_consumer_joined(True)
-        self._held = self._held | set(partitions)
+        self._assigned = self._assigned | set(partitions)
         for topic, partition in partitions:
             self.metrics.consumer_lag.labels(topic=topic, partition=str(partition))
         self._pauses.assigned(set(partitions))
@@ -367,7 +367,7 @@ class StreamService:
             self._drain_results(block=True, timeout_s=_TRANSACTION_TIMEOUT_S)
         consumer, producer = self._consumer, self._sender.producer
         self._consumer = self._sender.producer = None
-        self._held = frozenset()
+        self._assigned = frozenset()
         self.health.set_producer_connected(False)
         self.health.set_consumer_joined(False)
         self._pauses.clear()

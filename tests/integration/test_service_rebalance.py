@@ -11,11 +11,7 @@ from kafka import KafkaProducer
 
 from stream_classifier.model.runtime import ModelRuntime
 from tests.fixtures.broker import TRANSPORTS, TopicFactory, committed_offsets, produce
-from tests.fixtures.kafka_broker import (
-    ApacheKafka,
-    BrokerTarget,
-    kafka_settings_factory,
-)
+from tests.fixtures.kafka_broker import ApacheKafka, BrokerTarget, kafka_settings_factory
 from tests.integration.service_support import (
     TopicReader,
     output_body,
