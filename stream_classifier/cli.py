@@ -192,6 +192,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.messages < 1:
         raise ConfigError("--messages must be at least 1")
+    if args.connect_timeout <= 0:
+        raise ConfigError("--connect-timeout must be a positive number of seconds")
     # The live view is on stdout; the service's JSON logs stay on stderr, warnings and up.
     configure_logging("WARNING")
 
@@ -206,6 +208,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         follow=args.follow,
         quick=args.quick,
         config=args.config,
+        connect_timeout_s=args.connect_timeout,
     )
     return run_demo(options, sys.stdout)
 
@@ -368,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help="serve this model instead of training one")
     p.add_argument("--follow", action="store_true", help="keep running until Ctrl-C")
     p.add_argument("--quick", action="store_true", help="smallest training settings (for tests)")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=15.0,
+        help="seconds to wait for --bootstrap-servers to answer (default 15)",
+    )
 
     p = add("config", _cmd_config, "Print the effective settings (secrets masked).")
     _add_config(p)

@@ -101,6 +101,8 @@ class DemoOptions:
     config: Path | None = None
     # Give up waiting for outputs after this long without a new one.
     idle_timeout_s: float = 60.0
+    # Fail when no broker of --bootstrap-servers answers within this long.
+    connect_timeout_s: float = 15.0
 
 
 DEMO_SEED = 42
@@ -181,7 +183,7 @@ def _broker(options: DemoOptions, console: Console) -> Iterator[tuple[str, bool]
         yield broker.bootstrap_servers, True
 
 
-def _create_topics(settings: Settings, console: Console) -> None:
+def _create_topics(settings: Settings, console: Console, connect_timeout_s: float) -> None:
     """Create the demo's topics; on a cluster that refuses, go on with those that exist."""
     k = settings.kafka
     topics = [*k.input_topics, k.output_topic, k.dead_letter_topic]
@@ -191,7 +193,7 @@ def _create_topics(settings: Settings, console: Console) -> None:
             topics,
             partitions=DEMO_PARTITIONS,
             client_config=kafka_python_common_config(k),
-            connect_timeout_s=15,
+            connect_timeout_s=connect_timeout_s,
         )
     except KafkaError as exc:
         log_event(logger, "demo_create_topics_failed", level=logging.WARNING, error=str(exc))
@@ -249,7 +251,7 @@ def run_demo(options: DemoOptions, out: TextIO) -> int:
     with contextlib.ExitStack() as stack:
         bootstrap, embedded = stack.enter_context(_broker(options, console))
         settings = demo_settings(options, bootstrap, embedded=embedded)
-        _create_topics(settings, console)
+        _create_topics(settings, console, options.connect_timeout_s)
         runtime = _model(options, settings, console)
 
         inputs = settings.input

@@ -133,9 +133,20 @@ def test_demo_serves_a_given_model_and_exits_by_itself(tiny_model_dir: Path) -> 
 
 def test_demo_with_an_unreachable_cluster_fails_with_a_clear_message() -> None:
     result = _run_to_completion(
-        ("demo", "--bootstrap-servers", "127.0.0.1:1", "--model", "/nonexistent", "--messages", "1"),
+        (
+            "demo",
+            "--bootstrap-servers",
+            "127.0.0.1:1",
+            "--connect-timeout",
+            "2",
+            "--model",
+            "/nonexistent",
+            "--messages",
+            "1",
+        ),
         timeout_s=120,
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "stream-classifier demo: error:" in result.stderr
+    assert "within 2 s" in result.stderr, result.stderr[-2000:]  # --connect-timeout is honoured
