@@ -16,7 +16,10 @@ Candidates (all on the same fine-tuned body and examples; ``--recipe`` and
 - ``names λ``: the label-name prior, logits + λ · cos(x, name_k) (names cleaned as in
   ``model/anchors.py``, embedded by the fine-tuned body); ``names gated`` applies λ = 2
   only where the base body's zero-shot accuracy on the training texts passes the anchors'
-  gate (``anchors.zero_shot_gate``);
+  gate (``anchors.zero_shot_gate``); ``names cv tuned`` and ``names cv base`` choose λ in
+  ``(0, *NAME_WEIGHTS)`` by stratified ``CV_FOLDS``-fold cross-validation on the training
+  examples alone (the λ with the most held-out examples right, ties to the smaller), on the
+  fine-tuned body's embeddings or on the base body's, then apply it to the fine-tuned head;
 - ``em T``: prior correction by EM (Saerens et al. 2002) on the unlabelled dev texts'
   posteriors at temperature T (training priors uniform, as the draw is balanced);
 - ``self``: self-training, the head refit on the training examples plus the most confident
@@ -55,6 +58,7 @@ NAME_WEIGHTS = (0.5, 1.0, 2.0, 4.0)
 GATED_NAME_WEIGHT = 2.0
 EM_TEMPERATURES = (1.0, 0.5, 0.25)
 WISE_ALPHAS = (0.3, 0.5, 0.7)
+CV_FOLDS = 4
 SELF_TRAINING_PER_CLASS = 50
 DEV_TEXTS = 400
 
@@ -73,6 +77,23 @@ def _lr(x: NDArray[Any], y: NDArray[Any]) -> Any:
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(max_iter=1000, random_state=0).fit(x, y)
+
+
+def cv_name_weight(x: NDArray[Any], y: NDArray[Any], names: NDArray[Any], labels: list[str]) -> float:
+    """The label-name weight in ``(0, *NAME_WEIGHTS)`` that gets the most training examples
+    right when each fold is held out of a logistic head fitted on the rest; ties go to the
+    smaller weight, so the prior must earn its place."""
+    from sklearn.model_selection import StratifiedKFold
+
+    classes = np.asarray(labels)
+    weights = (0.0, *NAME_WEIGHTS)
+    right = np.zeros(len(weights))
+    folds = StratifiedKFold(n_splits=CV_FOLDS, shuffle=True, random_state=0)
+    for fit, held in folds.split(x, y):
+        z = _logits(_lr(x[fit], y[fit]), x[held])
+        for i, weight in enumerate(weights):
+            right[i] += np.sum(classes[np.argmax(z + weight * (x[held] @ names.T), axis=1)] == y[held])
+    return weights[int(np.argmax(right))]  # argmax takes the first (smallest) of equals
 
 
 def em_priors(posteriors: NDArray[np.float64], iterations: int = 100) -> NDArray[np.float64]:
@@ -159,6 +180,15 @@ def probe(corpus: str, base: Any, args: argparse.Namespace) -> dict[str, Any]:
     for weight in NAME_WEIGHTS:
         scores[f"names {weight:g}"] = accuracy(z + weight * (xdev @ names.T))
     scores["names gated"] = accuracy(z + (GATED_NAME_WEIGHT if gate.use else 0.0) * (xdev @ names.T))
+    base_train = embed([r["text"] for r in train], base)
+    base_names = embed([clean_label(label) for label in labels], base)
+    base_names /= np.linalg.norm(base_names, axis=1, keepdims=True)
+    chosen = {
+        "tuned": cv_name_weight(xtr, ytr, names, labels),
+        "base": cv_name_weight(base_train, ytr, base_names, labels),
+    }
+    for which, weight in chosen.items():
+        scores[f"names cv {which}"] = accuracy(z + weight * (xdev @ names.T))
     for temperature in EM_TEMPERATURES:
         posteriors = _softmax(z / temperature)
         scores[f"em {temperature:g}"] = accuracy(np.log(posteriors) + np.log(em_priors(posteriors)))
@@ -197,6 +227,7 @@ def probe(corpus: str, base: Any, args: argparse.Namespace) -> dict[str, Any]:
         "n_pool": len(pool),
         "train_seconds": round(train_seconds, 1),
         "gate": {"use": gate.use, "zero_shot_accuracy": gate.zero_shot_accuracy, "bar": gate.bar},
+        "cv_name_weight": chosen,
         "accuracy": scores,
     }
 
