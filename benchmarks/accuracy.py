@@ -12,7 +12,9 @@ alternates by seed, so machine load hits all sides alike.
 Resumable: every finished cell (corpus, size, seed, side) is one JSON line appended to
 ``--out``'s ``.jsonl`` as it comes, and a rerun skips the cells already there. The summary
 (``--out``, and ``report``) gives per corpus and size each side's accuracy and macro-F1
-mean ± std, training seconds, and the paired difference to setfit ± its standard error.
+mean ± std, training seconds, and the paired difference to setfit ± its standard error, with
+the ratio of training seconds to setfit's (and of the workers' CPU seconds, which a pause or a
+neighbour's load inflates less than wall time).
 
 Setup (once; setfit in its own venv, sharing our venv's torch through a .pth file)::
 
@@ -197,6 +199,11 @@ def summarise(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "time_ratio": statistics.fmean(runs[s]["train_seconds"] for s in paired)
                     / statistics.fmean(base[s]["train_seconds"] for s in paired),
                 }
+                if all("cpu_seconds" in r[s] for r in (runs, base) for s in paired):
+                    # The process's CPU seconds: unlike wall time, not inflated by a pause or load.
+                    entry["vs_setfit"]["cpu_ratio"] = sum(runs[s]["cpu_seconds"] for s in paired) / sum(
+                        base[s]["cpu_seconds"] for s in paired
+                    )
             row["sides"][side] = entry
         rows.append(row)
     return rows
@@ -213,6 +220,8 @@ def render(rows: list[dict[str, Any]]) -> str:
             vs = e.get("vs_setfit")
             diff = f"{vs['accuracy_diff']:+.1%} ± {vs['se']:.1%} (n={len(vs['seeds'])})" if vs else ""
             ratio = f"{vs['time_ratio']:.2f}×" if vs else ""
+            if vs and "cpu_ratio" in vs:
+                ratio += f" (CPU s {vs['cpu_ratio']:.2f}×)"
             lines.append(
                 f"| {row['dataset']} | {row['per_class']} | {side} | {len(e['seeds'])} "
                 f"| {e['accuracy'][0]:.1%} ± {e['accuracy'][1]:.1%} | {e['macro_f1'][0]:.1%} "
