@@ -166,8 +166,13 @@ def probe(corpus: str, base: Any, args: argparse.Namespace) -> dict[str, Any]:
     xtr, ytr = embed([r["text"] for r in train]), np.asarray([r["label"] for r in train])
     xdev, ydev = embed([r["text"] for r in dev]), np.asarray([r["label"] for r in dev])
     xpool = embed([r["text"] for r in pool]) if pool else xdev  # no pool left: the dev texts, unlabelled
-    names = embed([clean_label(label) for label in labels])
-    names /= np.linalg.norm(names, axis=1, keepdims=True)
+
+    def name_vectors(model: Any = body) -> NDArray[Any]:
+        """The cleaned label names' unit embeddings by ``model``, one row per label."""
+        v = embed([clean_label(label) for label in labels], model)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    names = name_vectors()
 
     def accuracy(z: NDArray[Any]) -> float:
         return float(np.mean(classes[np.argmax(z, axis=1)] == ydev))
@@ -181,11 +186,9 @@ def probe(corpus: str, base: Any, args: argparse.Namespace) -> dict[str, Any]:
         scores[f"names {weight:g}"] = accuracy(z + weight * (xdev @ names.T))
     scores["names gated"] = accuracy(z + (GATED_NAME_WEIGHT if gate.use else 0.0) * (xdev @ names.T))
     base_train = embed([r["text"] for r in train], base)
-    base_names = embed([clean_label(label) for label in labels], base)
-    base_names /= np.linalg.norm(base_names, axis=1, keepdims=True)
     chosen = {
         "tuned": cv_name_weight(xtr, ytr, names, labels),
-        "base": cv_name_weight(base_train, ytr, base_names, labels),
+        "base": cv_name_weight(base_train, ytr, name_vectors(base), labels),
     }
     for which, weight in chosen.items():
         scores[f"names cv {which}"] = accuracy(z + weight * (xdev @ names.T))
